@@ -1,0 +1,158 @@
+"""The `mmkit` command: look at the world, train recipes, count parameters, run benchmarks.
+
+    mmkit world --n 16 --out grid.png        # a grid of Shapes World scenes with their captions
+    mmkit train tokenizer-world --out DIR    # run a recipe (what mmkit.hub runs when a checkpoint is missing)
+    mmkit params m6-base                     # parameter count per component (meta device: no memory used)
+    mmkit bench precision                    # benchmarks print ratios measured side by side
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import time
+from pathlib import Path
+
+
+def _cmd_world(args: argparse.Namespace) -> int:
+    from mmkit.data.text import captions
+    from mmkit.data.world import render, sample_scene, split_seeds
+    from mmkit.viz import save_grid
+
+    seeds = split_seeds(args.split, args.n, start=args.seed)
+    t0 = time.perf_counter()
+    scenes = [sample_scene(s, max_objects=args.max_objects) for s in seeds]
+    images = [render(sc, size=args.size) for sc in scenes]
+    dt = time.perf_counter() - t0
+    texts = [captions(sc, lang=args.lang)[0] for sc in scenes]
+    for s, t in zip(seeds, texts):
+        print(f"scene {s}: {t}")
+    print(f"rendered {len(scenes)} scenes at {args.size}px in {dt:.2f}s ({len(scenes) / max(dt, 1e-9):.0f} scenes/s)")
+    if args.out:
+        save_grid(images, args.out, captions=texts if args.captions else None)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmkit.hub import cache_root
+    from mmkit.recipes import available_recipes, get_recipe, run_recipe
+
+    if args.list or not args.recipe:
+        for name in available_recipes():
+            print(f"{name:<28} {get_recipe(name).description}")
+        return 0
+    out = Path(args.out) if args.out else cache_root() / (f"{args.recipe}@fast" if args.fast else args.recipe)
+    metrics = run_recipe(args.recipe, out, fast=args.fast, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    for k, v in metrics.items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from mmkit.config import build_model, load_config
+    from mmkit.params import count_parameters, format_counts
+
+    cfg = load_config(args.config)
+    model = build_model(cfg, device="meta")
+    print(format_counts(count_parameters(model), title=f"{args.config} ({type(cfg).__name__})"))
+    return 0
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from mmkit.config import available_configs
+
+    for name in available_configs():
+        print(name)
+    return 0
+
+
+def _bench_names() -> list[str]:
+    import mmkit.bench as bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    names = _bench_names()
+    if args.list or not args.name:
+        print("benchmarks:", ", ".join(names))
+        return 0
+    if args.name not in names:
+        print(f"mmkit bench: unknown benchmark {args.name!r}; available: {', '.join(names)}", file=sys.stderr)
+        return 2
+    importlib.import_module(f"mmkit.bench.{args.name}").run(args.rest)
+    return 0
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from mmkit.tokenizer import decode, load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    ids = tok(args.text)["input_ids"]
+    print("tokens:", tok.convert_ids_to_tokens(ids))
+    print("ids:   ", ids)
+    print("decoded:", decode(tok, ids))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    w = sub.add_parser("world", help="render Shapes World scenes (and their captions) to a PNG grid")
+    w.add_argument("--n", type=int, default=16, help="number of scenes (default 16)")
+    w.add_argument("--size", type=int, default=64, help="image size in pixels (default 64; 32 for fast runs)")
+    w.add_argument("--seed", type=int, default=0, help="offset of the first scene inside the split (default 0)")
+    w.add_argument("--split", default="train", choices=["train", "val", "test"], help="which fixed split (default train)")
+    w.add_argument("--max-objects", type=int, default=3, help="objects per scene, 1..N (default 3)")
+    w.add_argument("--lang", default="en", choices=["en", "zh"], help="caption language (default en)")
+    w.add_argument("--captions", action="store_true", help="print each scene's caption under it in the PNG")
+    w.add_argument("--out", help="PNG file to write the grid to")
+    w.set_defaults(fn=_cmd_world)
+
+    t = sub.add_parser("train", help="run a recipe into a checkpoint folder (list them with --list)")
+    t.add_argument("recipe", nargs="?", help="recipe name, e.g. tokenizer-world")
+    t.add_argument("--out", help="output folder (default: the hub cache, $MMKIT_CACHE or ~/.cache/mmkit)")
+    t.add_argument("--fast", action="store_true", help="the recipe's short path (what CI uses)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    t.add_argument("--list", action="store_true", help="list the recipes")
+    t.set_defaults(fn=_cmd_train)
+
+    pa = sub.add_parser("params", help="parameter count per component for a config (preset name or YAML file)")
+    pa.add_argument("config", help="preset name (see `mmkit configs`) or a YAML file, e.g. scaled/configs/m6_base.yaml")
+    pa.set_defaults(fn=_cmd_params)
+
+    c = sub.add_parser("configs", help="list the named config presets")
+    c.set_defaults(fn=_cmd_configs)
+
+    b = sub.add_parser("bench", help="run a benchmark (ratios measured side by side); --list shows them")
+    b.add_argument("name", nargs="?", help="benchmark name")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (try --help)")
+    b.add_argument("--list", action="store_true", help="list the benchmarks")
+    b.set_defaults(fn=_cmd_bench)
+
+    k = sub.add_parser("tokenize", help="show how a tokenizer splits a text")
+    k.add_argument("text")
+    k.add_argument("--tokenizer", default="world", help="'world' or a local Hugging Face tokenizer folder")
+    k.set_defaults(fn=_cmd_tokenize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        print(f"mmkit {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""A WordPiece tokenizer for English + Chinese, wrapped as a Hugging Face fast tokenizer.
+
+English is split into words and WordPiece sub-words (BERT); Chinese is split into single characters, as
+BERT-Chinese does (``BertNormalizer(handle_chinese_chars=True)`` puts spaces around every CJK character),
+which is also what M6's character-level poem constraints need (M6 §4.5).
+
+    tok = load_tokenizer("world")                # the kit's tokenizer, shipped in mmkit/checkpoints/
+    tok = load_tokenizer("/path/bert-base-chinese")  # or any local Hugging Face tokenizer folder
+    ids = tok("a small red circle")["input_ids"]    # [CLS] ... [SEP]
+
+Special tokens every model of the kit uses: [PAD] [UNK] [CLS] [SEP] [MASK] [BOS] [EOS]. Image codes
+(text-to-image, M6 §4.1) and coordinate bins (grounding) are added on demand with
+:func:`add_image_code_tokens` / :func:`add_coordinate_tokens`, so they get ids after the word vocabulary.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
+# The kit's tokenizer is trained on the world's text, but people type other words: seed the alphabet so any
+# English word still splits into known pieces instead of becoming [UNK].
+_ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,;:!?'\"()-/&%+=*#@$[]")
+_ALPHABET += list("，。！？；：、（）“”《》")
+
+WORLD_TOKENIZER_NAME = "tokenizer-world"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 1):
+    """Train a BERT-style WordPiece tokenizer (lower-cased, Chinese by character) on ``texts``.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` whose ``__call__`` adds [CLS] ... [SEP] (and
+    [CLS] a [SEP] b [SEP] for pairs, with token_type_ids), like BERT's.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                               strip_accents=True, lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS, initial_alphabet=_ALPHABET,
+                                        continuing_subword_prefix="##")
+    tk.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return _wrap(tk)
+
+
+def _wrap(tk):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", bos_token="[BOS]", eos_token="[EOS]", model_max_length=512)
+
+
+def train_world_tokenizer(n_scenes: int = 4000, vocab_size: int = 2000, split: str = "train"):
+    """The kit's tokenizer: WordPiece trained on every kind of text the Shapes World produces, EN + ZH."""
+    from mmkit.data import text_corpus
+
+    return train_tokenizer(text_corpus(n_scenes, split=split, langs=("en", "zh")), vocab_size=vocab_size)
+
+
+def load_tokenizer(name_or_path: str | Path = "world"):
+    """Load the kit's tokenizer (``"world"``) or any local Hugging Face tokenizer folder, offline.
+
+    A folder must hold what ``save_pretrained`` writes (``tokenizer.json`` or ``vocab.txt`` + config).
+    Nothing is downloaded: a hub id such as ``bert-base-uncased`` must be a local folder here.
+    """
+    from transformers import AutoTokenizer
+
+    if str(name_or_path) in ("world", WORLD_TOKENIZER_NAME):
+        from mmkit.hub import checkpoint_dir
+
+        return AutoTokenizer.from_pretrained(checkpoint_dir(WORLD_TOKENIZER_NAME), local_files_only=True)
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer {str(name_or_path)!r}: no such folder. mmkit works offline: pass 'world' for the kit's "
+            "tokenizer, or the path of a folder written by tokenizer.save_pretrained(...) "
+            "(e.g. a downloaded bert-base-chinese).")
+    if not any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json / vocab.txt / tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    for name, tok_str in (("bos_token", "[BOS]"), ("eos_token", "[EOS]")):
+        # BERT tokenizers have no BOS/EOS; decoders of the kit need them: add them as new special tokens.
+        if getattr(tok, name) is None:
+            tok.add_special_tokens({name: tok_str})
+    return tok
+
+
+def add_image_code_tokens(tok, n_codes: int) -> int:
+    """Add ``<code_0> ... <code_{n-1}>`` (VQGAN codes, M6 §4.1) as special tokens; return the first id."""
+    return _add_range(tok, "code", n_codes)
+
+
+def add_coordinate_tokens(tok, n_bins: int) -> int:
+    """Add ``<loc_0> ... <loc_{n-1}>`` (quantised box coordinates for grounding); return the first id."""
+    return _add_range(tok, "loc", n_bins)
+
+
+def _add_range(tok, prefix: str, n: int) -> int:
+    if n <= 0:
+        raise ValueError(f"need a positive number of <{prefix}_i> tokens, got {n}")
+    names = [f"<{prefix}_{i}>" for i in range(n)]
+    present = [t for t in names if t in tok.get_vocab()]
+    if present and len(present) != n:
+        raise ValueError(f"tokenizer already has {len(present)} of the {n} <{prefix}_i> tokens; load a fresh tokenizer")
+    if not present:
+        tok.add_special_tokens({"additional_special_tokens": names}, replace_extra_special_tokens=False)
+    return tok.convert_tokens_to_ids(names[0])
+
+
+_CJK = r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]"
+
+
+def join_text(text: str) -> str:
+    """Undo the spaces WordPiece decoding puts around Chinese characters: '左 上 方 的 圆' -> '左上方的圆'."""
+    return re.sub(rf"(?<={_CJK}) | (?={_CJK})", "", text)
+
+
+def decode(tok, ids, skip_special_tokens: bool = True) -> str:
+    """``tok.decode`` plus :func:`join_text`: readable English and Chinese."""
+    return join_text(tok.decode(ids, skip_special_tokens=skip_special_tokens))

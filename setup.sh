@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Set up mmkit on a fresh machine and open JupyterLab on the notebooks.
+#
+#   bash setup.sh            # make .venv, install the pinned CPU stack, open JupyterLab on notebooks/
+#   bash setup.sh --no-lab   # install only (what CI does)
+#
+# Everything is installed from requirements.lock with --no-deps: the lock pins torch 2.13.0 (the CPU build)
+# and leaves torchvision out, because taming-transformers-rom1504 declares torchvision, which would drag in a
+# multi-GB CUDA torch and break `transformers` imports (see ../shared/ENVIRONMENT.md). Re-running is cheap:
+# the install is skipped while the lock file is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+open_lab=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-lab) open_lab=0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (use --no-lab or --help)" >&2; exit 2 ;;
+  esac
+done
+[ -n "${CI:-}" ] && open_lab=0
+
+VENV=${MMKIT_VENV:-.venv}
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3 python; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PY=$cand; break
+    fi
+  done
+fi
+if [ -z "$PY" ]; then
+  echo "setup.sh: mmkit needs Python 3.11 (the pinned torch 2.13.0 CPU wheel is built for it)." >&2
+  echo "          Install python3.11, or point PYTHON=/path/to/python3.11 at one, then re-run." >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating $VENV with $PY"
+  "$PY" -m venv "$VENV"
+fi
+
+stamp="$VENV/.mmkit-installed"
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "==> installing the pinned stack (about 2 minutes; CPU torch, no CUDA wheels)"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip>=23" "setuptools>=77.0.3" wheel
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+  "$VENV/bin/python" - <<'PY'
+import importlib, sys
+for mod in ("torch", "transformers", "tokenizers", "accelerate", "gradio", "jupyterlab", "ipywidgets",
+            "matplotlib", "nbmake", "taming.modules.vqvae.quantize", "mmkit"):
+    importlib.import_module(mod)
+import torch
+assert "+cpu" in torch.__version__ or not torch.version.cuda, f"unexpected torch build {torch.__version__}"
+try:
+    import torchvision  # noqa: F401
+    sys.exit("torchvision is installed beside the CPU torch: it breaks transformers imports. pip uninstall torchvision")
+except ImportError:
+    pass
+print("    all imports fine: torch", torch.__version__)
+PY
+  echo "$want" > "$stamp"
+else
+  echo "==> $VENV is up to date"
+fi
+
+if [ "$open_lab" = 1 ]; then
+  echo "==> opening JupyterLab on notebooks/ (Ctrl-C to stop)"
+  exec "$VENV/bin/jupyter" lab --ip 127.0.0.1 notebooks/
+fi
