@@ -72,6 +72,7 @@ def run_recipe(name: str, out_dir: str | Path, fast: bool = False, overwrite: bo
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         t0 = time.time()
+        tmp.chmod(0o755)                    # mkdtemp makes 0700 folders; checkpoints are readable like any file
         metrics = r.train(tmp, fast) or {}
         command = f"mmkit train {name} --out {out_dir}" + (" --fast" if fast else "")
         atomic_write_json(tmp / "recipe.json", {

@@ -27,23 +27,56 @@ _ALPHABET += list("，。！？；：、（）“”《》")
 WORLD_TOKENIZER_NAME = "tokenizer-world"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 1):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 1, method: str = "words"):
     """Train a BERT-style WordPiece tokenizer (lower-cased, Chinese by character) on ``texts``.
 
     Returns a ``transformers.PreTrainedTokenizerFast`` whose ``__call__`` adds [CLS] ... [SEP] (and
     [CLS] a [SEP] b [SEP] for pairs, with token_type_ids), like BERT's.
+
+    ``method="words"`` (default): the vocabulary is the special tokens, every character seen plus the seeded
+    alphabet, ``##c`` for each letter and digit, then whole words by descending frequency (ties in alphabetical
+    order) up to ``vocab_size``. Normalisation and pre-tokenisation are the ``tokenizers`` BERT ones, and the
+    model is a ``tokenizers`` WordPiece, so unseen words still split into pieces. It is exactly reproducible:
+    ``tokenizers``' own WordPiece trainer breaks ties between equally frequent merges in hash order, and two
+    runs on the world's text gave different vocabularies (55 of 562 ids moved), which would silently
+    invalidate every cached checkpoint. The world's vocabulary is closed (a few hundred words), so whole
+    words lose nothing. ``method="merges"`` runs ``tokenizers.trainers.WordPieceTrainer`` (sub-word merges,
+    better for large open corpora such as a user's own captions; not bit-reproducible).
     """
+    from collections import Counter
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tk = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                               strip_accents=True, lowercase=True)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                            strip_accents=True, lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    if method == "words":
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        chars = sorted(set(_ALPHABET) | {c for w in counts for c in w})
+        base = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars if c.isascii() and c.isalnum()]
+        if vocab_size < len(base):
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(base)} special tokens and characters "
+                             f"of this corpus; use vocab_size >= {len(base)}")
+        known = set(base)
+        words = sorted((w for w, c in counts.items() if c >= min_frequency and w not in known),
+                       key=lambda w: (-counts[w], w))
+        vocab = {t: i for i, t in enumerate(base + words[: vocab_size - len(base)])}
+        tk = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                        max_input_chars_per_word=100))
+    elif method == "merges":
+        tk = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tk.normalizer, tk.pre_tokenizer = normalizer, pre_tokenizer
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=SPECIAL_TOKENS, initial_alphabet=_ALPHABET,
+                                            continuing_subword_prefix="##")
+        tk.train_from_iterator(texts, trainer=trainer)
+        tk = _with_continuation_alphabet(tk)
+    else:
+        raise ValueError(f"unknown method {method!r}; use 'words' (reproducible) or 'merges' (sub-word merges)")
+    tk.normalizer, tk.pre_tokenizer = normalizer, pre_tokenizer
     tk.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, initial_alphabet=_ALPHABET,
-                                        continuing_subword_prefix="##")
-    tk.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
     tk.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -51,12 +84,33 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, min_frequency:
     return _wrap(tk)
 
 
+def _with_continuation_alphabet(tk):
+    """Add ``##c`` for every letter and digit the trainer never saw inside a word.
+
+    The trainer seeds word-initial pieces from ``initial_alphabet`` but only learns ``##c`` continuations
+    it has seen, so "next" (no ``##x`` in the world's text) became [UNK]. With every ``##c`` present any
+    lower-case English word splits into known pieces; ids of existing tokens do not change.
+    """
+    from tokenizers import models
+
+    vocab = tk.get_vocab()
+    missing = [f"##{c}" for c in _ALPHABET if c.isalnum() and f"##{c}" not in vocab]
+    if missing:
+        vocab = dict(vocab)
+        for t in missing:
+            vocab[t] = len(vocab)
+        tk.model = models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                    max_input_chars_per_word=100)
+    return tk
+
+
 def _wrap(tk):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", bos_token="[BOS]", eos_token="[EOS]", model_max_length=512)
+        mask_token="[MASK]", bos_token="[BOS]", eos_token="[EOS]", model_max_length=512,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
 def train_world_tokenizer(n_scenes: int = 4000, vocab_size: int = 2000, split: str = "train"):
@@ -126,4 +180,5 @@ def join_text(text: str) -> str:
 
 def decode(tok, ids, skip_special_tokens: bool = True) -> str:
     """``tok.decode`` plus :func:`join_text`: readable English and Chinese."""
-    return join_text(tok.decode(ids, skip_special_tokens=skip_special_tokens))
+    # WordPiece's decoder re-attaches , . ! ? ' but leaves "background : a ..."; re-attach : and ; too.
+    return re.sub(r" (?=[:;])", "", join_text(tok.decode(ids, skip_special_tokens=skip_special_tokens)))

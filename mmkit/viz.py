@@ -42,3 +42,21 @@ def save_grid(images: Sequence[Image.Image], path: str | Path, **kwargs) -> Path
     make_grid(images, **kwargs).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def draw_boxes(img: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str] | None = None,
+               scale: int = 4, colour: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """``img`` enlarged ``scale`` times (nearest) with pixel boxes ``(x0, y0, x1, y1)`` and optional labels."""
+    big = img.convert("RGB").resize((img.width * scale, img.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(big)
+    for i, box in enumerate(boxes):
+        x0, y0, x1, y1 = (v * scale for v in box)
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=max(1, scale // 2))
+        if labels:
+            draw.text((x0 + 2, max(0, y0 - 11)), labels[i], fill=colour)
+    return big
+
+
+def show(img: Image.Image, scale: int = 4) -> Image.Image:
+    """An enlarged copy (nearest neighbour) so 32/64 px scenes are visible in a notebook."""
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
