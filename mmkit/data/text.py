@@ -807,7 +807,8 @@ def scene_texts(scene: Scene, lang: str = "en") -> list[str]:
     expressions, the product description, and for Chinese the poems): a tokenizer-training corpus."""
     _check_lang(lang)
     texts = captions(scene, lang) + relational_captions(scene, lang)
-    texts += [f"{qa.question} {qa.answer}" for qa in questions(scene, lang)]
+    sep = " " if lang == "en" else ""  # Chinese is written without spaces ("…是什么颜色的？橙色")
+    texts += [f"{qa.question}{sep}{qa.answer}" for qa in questions(scene, lang)]
     texts += [g.expression for g in groundings(scene, 64, lang)]
     texts.append(product_description(scene, lang))
     if lang == "zh":
