@@ -1,0 +1,26 @@
+"""Benchmarks behind ``mmkit bench NAME``: each module here exposes ``run(argv: list[str])``.
+
+Benchmarks measure alternatives *side by side in one run* and print ratios; they never assert (this CPU is
+shared and noisy, so only ratios measured together mean anything). Tests prove behaviour, benchmarks measure
+speed. List them with ``mmkit bench --list``; every benchmark takes ``--help``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls.
+
+    The median (not the mean) shrugs off the odd slow call caused by another process on the shared cores.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,738 @@
+"""The one training loop every recipe uses (on Hugging Face ``accelerate``), checkpoints, and exact resume.
+
+    cfg = TrainConfig(steps=500, batch_size=64, lr=1e-3, warmup_steps=50, out_dir="runs/m6")
+    result = train(model, loss_fn, dataset, cfg, eval_fn=evaluate)   # -> TrainResult(history, evals, ...)
+    result = train(model, loss_fn, dataset, cfg, resume_from="auto") # carries on from runs/m6/checkpoint-*
+
+``loss_fn(model, batch)`` returns a scalar loss tensor, or ``(loss, {"itc": 0.7, "mlm": 2.1})`` so multi-task
+recipes (M6 §3.3, VLMo §3.3, mPLUG §3.3) can log one number per task. The loss must be a *mean* over the
+examples of the batch it was given (see "Data" below). Under several processes ``model`` is the
+DistributedDataParallel wrapper: call it (``model(...)``), and reach attributes and other methods through
+:func:`unwrap` (``unwrap(model).config``).
+
+Data: deterministic, resumable, and the same for any number of processes
+------------------------------------------------------------------------
+``dataset_or_batch_fn`` is either
+
+* a map-style dataset (``len(ds)`` and ``ds[i]``): the examples of optimizer step ``s`` are the positions
+  ``[s*B, (s+1)*B)`` of an endless stream of shuffled epochs, epoch ``e`` being a permutation drawn from a
+  generator seeded by ``(seed, e)`` (:class:`StepSampler`). Any step can be reached without replaying the
+  ones before it, which is what makes exact resume cheap. ``collate_fn`` (default: torch's) builds batches
+  and ``num_workers`` DataLoader workers load them. ``ds[i]`` must be a pure function of ``i``.
+* a function ``batch_fn(generator, batch_size) -> batch`` that builds a whole global batch (tensors, or dicts /
+  tuples of them, or lists of per-example items such as captions) from a ``torch.Generator`` seeded by
+  ``(seed, s)``: the tool for synthetic data. Every process builds the same global batch and keeps its slice.
+
+Either way the global batch of step ``s`` (``cfg.batch_size`` examples) is a function of ``(seed, s)`` only. It
+is cut into ``grad_accum_steps`` micro-batches, and each micro-batch into ``num_processes`` equal slices, one per
+process. Accelerate's backward divides each micro-batch loss by ``grad_accum_steps`` and DDP averages gradients
+over processes, so the update is the gradient of the mean loss over the global batch: N processes with
+accumulation A give the same parameters as 1 process without accumulation (up to float rounding), as long as
+``loss_fn`` returns a mean over equal-size slices. (A mean over a varying number of tokens per slice, e.g.
+masked-LM over random masks, makes this approximate.)
+
+Randomness inside a step (dropout, random masking in ``loss_fn``, a multi-task sampler using ``random``) comes
+from torch / numpy / Python global generators that are re-seeded from ``(seed, step, micro-batch)`` before
+every micro-batch, identically on every process (so all processes take the same random decisions, e.g. which
+task a step trains). A resumed run therefore draws exactly the numbers the uninterrupted run drew.
+
+Checkpoints (``save_checkpoint`` / ``load_checkpoint``)
+-------------------------------------------------------
+A checkpoint is a folder written atomically (a temporary sibling folder renamed into place, so an interrupted
+save never leaves a half-written checkpoint):
+
+* ``model.safetensors`` - weights (``safetensors.torch.save_model``: tied weights are stored once);
+* ``config.json``       - the model's ``.config`` dataclass, when it has one (so :func:`mmkit.hub.load_model_dir`
+  can rebuild the model from the folder alone);
+* ``training_state.pt`` - optimizer, LR scheduler and RNG states: tensors and plain Python values only, loaded
+  back with ``torch.load(weights_only=True)``;
+* ``trainer_state.json`` - step, the TrainConfig, the loss/metric/eval history.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mmkit.io import atomic_write_json
+
+__all__ = [
+    "TrainConfig", "TrainResult", "train", "lr_factor", "default_param_groups", "local_clip_fn",
+    "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
+    "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
+]
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+STATE_NAME = "training_state.pt"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+# --- mixed precision ------------------------------------------------------------------------------------
+# `mixed_precision="auto"` on a CPU: bf16 autocast when the CPU has native bf16 matmuls (AVX-512 BF16 or AMX)
+# and the model is at least this wide (``model_width``: the largest min(in, out) over its nn.Linear layers,
+# i.e. d_model for a transformer). Derived from `mmkit bench precision` (forward + backward + AdamW step, batch
+# 8 x 64 tokens, 2 pre-LN blocks, fp32 and bf16 timed in alternation, medians of 7), 2026-11-23, AVX-512 BF16:
+#
+#     fp32 / bf16 step time (> 1: bf16 faster)   width 128    256    512   1024
+#     --threads 1   MLP stack                          1.79x  1.94x  2.03x  2.09x
+#                   transformer                        1.04x  1.47x  1.69x  1.95x
+#     2 threads     transformer (4 runs)               0.51-1.11x  0.92-1.43x  1.07-1.55x  1.02-1.36x
+#
+# Single-thread ratios are steady; with 2 threads on the shared, busy cores each run swings widely (OpenMP
+# threads wait for each other). At width 128 a transformer gains nothing or loses (ENVIRONMENT.md: slower for a
+# 0.8M-parameter, 128-wide model): its small attention matmuls, softmax and the casts eat the matmul gain. From
+# 256 on bf16 wins in (almost) every run, so the threshold is 256. Re-run the benchmark on another machine.
+AUTO_BF16_MIN_WIDTH = 256
+
+
+def model_width(model: nn.Module) -> int:
+    """The model's width: the largest ``min(in_features, out_features)`` over its ``nn.Linear`` layers.
+
+    For a transformer that is d_model (its FFN is d -> 4d -> d, attention d -> 3d, d -> d). 0 without Linears.
+    """
+    return max((min(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+
+
+def cpu_supports_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX-512 BF16 or AMX); otherwise bf16 is emulated (slow)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_mixed_precision(model: nn.Module, mode: str = "auto") -> str:
+    """``"no"`` or ``"bf16"`` for ``mode`` in ("auto", "no", "bf16"); see :data:`AUTO_BF16_MIN_WIDTH` for "auto"."""
+    if mode not in ("auto", "no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {mode!r} "
+                         "(fp16 needs a loss scaler and is not supported; use bf16)")
+    if mode != "auto":
+        return mode
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_supports_fast_bf16() and model_width(model) >= AUTO_BF16_MIN_WIDTH else "no"
+
+
+# --- configuration --------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    steps: int = 1000                   # optimizer steps in the whole run (the LR schedule spans them)
+    batch_size: int = 32                # GLOBAL examples per optimizer step (all processes x all accumulation micro-batches)
+    grad_accum_steps: int = 1           # micro-batches per optimizer step; each process sees batch_size/(processes*accum) examples at a time
+    lr: float = 3e-4                    # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.01          # AdamW decoupled weight decay on weight matrices only (biases, norms, embeddings: 0)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas; 0.95 (nanoGPT, GPT-3) is steadier than 0.999 with small batches
+    warmup_steps: int = 100             # linear warmup: step s (0-based) uses lr*(s+1)/warmup_steps
+    min_lr_ratio: float = 0.1           # cosine decay from lr to lr*min_lr_ratio over the steps after warmup
+    clip_grad_norm: float | None = 1.0  # clip the global gradient L2 norm to this; None or 0: no clipping
+    mixed_precision: str = "auto"       # "auto" (bf16 on GPUs with bf16, and on CPUs for models >= AUTO_BF16_MIN_WIDTH wide), "no", "bf16"
+    eval_every: int = 0                 # run eval_fn every this many steps; 0: only at the end
+    log_every: int = 10                 # refresh the progress bar's loss every N steps (print a line instead when the bar is off); 0: never
+    save_every: int = 0                 # with out_dir: write out_dir/checkpoint-STEP every N steps; 0: only at the end
+    keep_checkpoints: int = 2           # newest checkpoint-* folders kept in out_dir (older ones deleted); 0: keep all
+    seed: int = 0                       # seeds the data order, per-step randomness and the torch/numpy/random generators
+    num_workers: int = 0                # DataLoader worker processes for map-style datasets; 0: load in the training process
+    out_dir: str | None = None          # where train() writes checkpoint-STEP folders; None: train() writes nothing
+    progress_bar: bool = True           # tqdm bar with the live loss (main process only)
+    find_unused_parameters: bool = False  # DDP: True when some parameters get no gradient in a step (e.g. one task per step)
+
+
+class TrainResult(NamedTuple):
+    history: list[dict]       # one dict per optimizer step: step (1-based), loss, lr, grad_norm (before clipping), loss_fn's metrics
+    evals: list[dict]         # one dict per evaluation: step + eval_fn's metrics
+    seconds: float            # wall-clock seconds of this call
+    step: int                 # optimizer steps completed (including those before a resume)
+    mixed_precision: str      # "no" or "bf16": what was used
+    checkpoint: str | None    # the last checkpoint folder written by this call, if any
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"TrainConfig: {msg}")
+    need(isinstance(cfg.steps, int) and cfg.steps > 0, f"steps must be a positive int, got {cfg.steps!r}")
+    need(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, f"batch_size must be a positive int, got {cfg.batch_size!r}")
+    need(isinstance(cfg.grad_accum_steps, int) and cfg.grad_accum_steps >= 1,
+         f"grad_accum_steps must be an int >= 1, got {cfg.grad_accum_steps!r}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed must be an int >= 0, got {cfg.seed!r}")
+    need(cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
+    resolve_mixed_precision(nn.Identity(), cfg.mixed_precision)      # validates the name
+
+
+# --- learning-rate schedule -----------------------------------------------------------------------------
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The multiple of ``cfg.lr`` used by optimizer step ``step`` (0-based).
+
+    Linear warmup ``(step+1)/warmup_steps`` (never a zero LR), then a half cosine from 1 down to
+    ``min_lr_ratio``, which it would reach at step ``cfg.steps`` (one past the last).
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:       # a plain function: LambdaLR then stores no state for it
+        return lr_factor(step, cfg)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- optimizer parameter groups and clipping hooks --------------------------------------------------------
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: weight matrices decay; biases, norm gains, embeddings and position/type tokens do not.
+
+    No decay for: parameters with fewer than 2 dims (biases, LayerNorm), weights of ``nn.Embedding`` (also when
+    tied to an output layer), raw ``nn.Parameter`` s whose name mentions embed/token/pos (``cls_token``,
+    ``pos_embed``), and names listed by a ``model.no_weight_decay()`` method (the timm convention).
+    """
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        leaf = name.rsplit(".", 1)[-1]
+        raw_token = leaf not in ("weight", "bias") and any(t in leaf for t in ("embed", "token", "pos"))
+        if p.ndim < 2 or id(p) in embedding_ids or raw_token or name in extra:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+ClipFn = Callable[[nn.Module, float], "float | torch.Tensor"]   # (unwrapped model, max_norm) -> norm before clipping
+
+
+def local_clip_fn(is_local: Callable[[str, nn.Parameter], bool], local_max_norm: float | None = None) -> ClipFn:
+    """A ``clip_fn`` for :func:`train` that clips two parameter sets separately.
+
+    M6 §3.4: "gradient clipping globally can increase costs on all-to-all communication as it computes norms
+    across all experts, and thus we apply local clipping". Parameters for which ``is_local(name, param)`` is
+    True (e.g. ``lambda n, p: ".experts." in n``) are clipped by their own norm on each process, with no
+    communication, to ``local_max_norm`` (default: the same max norm); the other (data-parallel, already
+    averaged) parameters are clipped by their global norm as usual. Returns the norm of the non-local ones.
+    """
+    def clip(model: nn.Module, max_norm: float) -> torch.Tensor:
+        local, shared = [], []
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                (local if is_local(name, p) else shared).append(p)
+        lmax = local_max_norm if local_max_norm is not None else max_norm
+        if local and lmax:
+            torch.nn.utils.clip_grad_norm_(local, lmax)
+        if not shared:
+            return torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(shared, max_norm if max_norm else float("inf"))
+    return clip
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or similar ``.module``) wrapper; the model itself otherwise."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+# --- deterministic data -----------------------------------------------------------------------------------
+_DATA, _STEP = 1, 2   # stream tags mixed into derived seeds, so data order and per-step noise are independent
+
+
+def _derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative ints (numpy's SeedSequence hashing)."""
+    a, b = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(a) << 31) ^ int(b)
+
+
+def _reseed(seed: int, step: int, micro: int) -> None:
+    s = _derive_seed(seed, _STEP, step, micro)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields, step by step, the index lists of one process's micro-batches (a DataLoader ``batch_sampler``).
+
+    The global batch of optimizer step ``s`` is positions ``[s*B, (s+1)*B)`` of the stream
+    ``perm(0) ++ perm(1) ++ ...``, where ``perm(e)`` is a permutation of the dataset drawn from a generator
+    seeded by ``(seed, e)``: jumping to any step costs one permutation. The global batch is cut into
+    ``grad_accum_steps`` consecutive micro-batches, each cut into ``num_processes`` consecutive slices.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, grad_accum_steps: int = 1, num_processes: int = 1,
+                 process_index: int = 0, seed: int = 0, start_step: int = 0, end_step: int = 1):
+        if dataset_len <= 0:
+            raise ValueError("the dataset is empty")
+        self.n, self.B, self.A, self.N, self.rank = dataset_len, batch_size, grad_accum_steps, num_processes, process_index
+        self.seed, self.start, self.end = seed, start_step, end_step
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(_derive_seed(self.seed, _DATA, epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def global_batch(self, step: int) -> list[int]:
+        """Dataset indices of optimizer step ``step``'s whole global batch (all processes, all micro-batches)."""
+        out, pos, end = [], step * self.B, (step + 1) * self.B
+        while pos < end:
+            epoch, off = divmod(pos, self.n)
+            take = min(end - pos, self.n - off)
+            out.extend(self._permutation(epoch)[off:off + take].tolist())
+            pos += take
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro, local = self.B // self.A, self.B // (self.A * self.N)
+        for s in range(self.start, self.end):
+            g = self.global_batch(s)
+            for m in range(self.A):
+                a = m * micro + self.rank * local
+                yield g[a:a + local]
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * self.A
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Examples ``[start, stop)`` of a batch: tensors and arrays along dim 0, dicts and tuples per entry,
+    lists as sequences of per-example items (e.g. captions); other values (ints, strings, None) unchanged."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return batch[start:stop]
+    if isinstance(batch, dict):
+        return type(batch)((k, slice_batch(v, start, stop)) for k, v in batch.items())
+    if isinstance(batch, tuple):
+        items = [slice_batch(v, start, stop) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else tuple(items)
+    if isinstance(batch, list):
+        return batch[start:stop]
+    return batch
+
+
+def _batch_len(batch: Any) -> int | None:
+    """Number of examples in a batch: length of its first tensor / array / list leaf."""
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
+        return len(batch) if batch.ndim else None
+    if isinstance(batch, list):
+        return len(batch)
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, tuple) else ()
+    for v in values:
+        n = _batch_len(v)
+        if n is not None:
+            return n
+    return None
+
+
+def _micro_batches(data: Any, cfg: TrainConfig, collate_fn: Callable | None, start: int, end: int,
+                   num_processes: int, rank: int) -> Iterator[Any]:
+    """This process's micro-batches for steps [start, end), grad_accum_steps per step (see module doc)."""
+    if isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError("train() needs a map-style dataset (len(ds), ds[i]) or a batch_fn(generator, batch_size): an "
+                        "IterableDataset cannot jump to step s, so exact resume and per-process slicing are impossible")
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        sampler = StepSampler(len(data), cfg.batch_size, cfg.grad_accum_steps, num_processes, rank, cfg.seed, start, end)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                             collate_fn=collate_fn or torch.utils.data.default_collate)
+        yield from loader
+        return
+    if not callable(data):
+        raise TypeError(f"dataset_or_batch_fn must be a map-style dataset or a callable batch_fn(generator, "
+                        f"batch_size), got {type(data).__name__}")
+    if collate_fn is not None:
+        raise ValueError("collate_fn is only used with a dataset; a batch_fn returns ready batches")
+    micro, local = cfg.batch_size // cfg.grad_accum_steps, cfg.batch_size // (cfg.grad_accum_steps * num_processes)
+    for s in range(start, end):
+        g = torch.Generator().manual_seed(_derive_seed(cfg.seed, _DATA, s))
+        full = data(g, cfg.batch_size)
+        n = _batch_len(full)
+        if n != cfg.batch_size:
+            raise ValueError(f"batch_fn(generator, {cfg.batch_size}) returned a batch of {n} examples; it must return "
+                             f"exactly batch_size (the global batch, which train() splits across micro-batches and processes)")
+        for m in range(cfg.grad_accum_steps):
+            a = m * micro + rank * local
+            yield slice_batch(full, a, a + local)
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        loss, metrics = out
+    else:
+        loss, metrics = out, {}
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a scalar tensor or (loss, {{name: float}}), got {type(out).__name__}")
+    if loss.ndim != 0:
+        raise ValueError(f"loss_fn returned a loss of shape {tuple(loss.shape)}; it must be a scalar (0-dim) tensor, "
+                         "the mean over the batch's examples: reduce it, e.g. loss.mean()")
+    if not loss.requires_grad:
+        raise ValueError("loss_fn returned a loss that does not require grad (computed under torch.no_grad(), "
+                         "detached, or from a model with no trainable parameters)")
+    return loss, {str(k): float(v) for k, v in metrics.items()}
+
+
+# --- RNG state as weights_only-loadable tensors -------------------------------------------------------
+def _rng_state() -> dict:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(state, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+def _model_config_dict(model: nn.Module) -> dict | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        from mmkit.config import config_to_dict
+        return config_to_dict(cfg)
+    if hasattr(cfg, "to_dict"):                       # a transformers PretrainedConfig
+        return cfg.to_dict()
+    return None
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, *, step: int = 0, train_config: TrainConfig | None = None,
+                    history: list[dict] | None = None, evals: list[dict] | None = None,
+                    extra: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically (see module doc); returns its path. Call it on ONE process.
+
+    With only ``model`` it writes a plain model checkpoint (``model.safetensors`` + ``config.json`` +
+    ``trainer_state.json``) that :func:`mmkit.hub.load_model_dir` loads. An existing folder is replaced.
+    """
+    from safetensors.torch import save_model
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    raw = unwrap(model)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.", suffix=".tmp"))
+    try:
+        save_model(raw, str(tmp / WEIGHTS_NAME))
+        cfg_dict = _model_config_dict(raw)
+        if cfg_dict is not None:
+            atomic_write_json(tmp / CONFIG_NAME, _json_safe(cfg_dict))
+        if optimizer is not None or scheduler is not None:
+            state = {"step": int(step), "rng": _rng_state()}
+            if optimizer is not None:
+                state["optimizer"] = optimizer.state_dict()
+            if scheduler is not None:
+                state["scheduler"] = scheduler.state_dict()
+            torch.save(state, tmp / STATE_NAME)
+        atomic_write_json(tmp / TRAINER_STATE_NAME, _json_safe({
+            "format": "mmkit-checkpoint-1",
+            "step": int(step),
+            "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
+            "history": history or [],
+            "evals": evals or [],
+            **(extra or {}),
+        }))
+        for f in tmp.iterdir():                        # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            f.chmod(0o644)                             # mkstemp/mkdtemp make private files; checkpoints are shared
+        tmp.chmod(0o755)
+        if ckpt_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.", suffix=".old"))
+            old.rmdir()
+            ckpt_dir.rename(old)
+            try:
+                tmp.rename(ckpt_dir)
+            except BaseException:
+                old.rename(ckpt_dir)                   # put the previous checkpoint back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(ckpt_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)         # only left when something above failed
+    return ckpt_dir
+
+
+def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any = None, restore_rng: bool = True) -> dict:
+    """Load a :func:`save_checkpoint` folder into ``model`` (strict) and, if given, ``optimizer`` / ``scheduler``.
+
+    Weights come from safetensors, the rest from ``torch.load(weights_only=True)``. Returns the trainer state
+    (``step``, ``train_config``, ``history``, ``evals``, ...).
+    """
+    from safetensors.torch import load_model
+
+    ckpt_dir = Path(ckpt_dir)
+    weights = ckpt_dir / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint: {WEIGHTS_NAME} is missing")
+    raw = unwrap(model)
+    device = next((p.device for p in raw.parameters()), torch.device("cpu"))
+    missing, unexpected = load_model(raw, str(weights), strict=False, device=str(device))
+    if missing or unexpected:
+        raise RuntimeError(f"{weights} does not match {type(raw).__name__}: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}. Was it saved from another model or another version of it?")
+    ts_file = ckpt_dir / TRAINER_STATE_NAME
+    trainer_state = json.loads(ts_file.read_text(encoding="utf-8")) if ts_file.exists() else {"step": 0}
+    if optimizer is not None or scheduler is not None:
+        st_file = ckpt_dir / STATE_NAME
+        if not st_file.exists():
+            raise FileNotFoundError(f"{ckpt_dir} holds no optimizer/scheduler state ({STATE_NAME}): it is a model-only "
+                                    "checkpoint, which can initialise a new run but not resume one")
+        state = torch.load(st_file, map_location="cpu", weights_only=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if restore_rng:
+            _set_rng_state(state["rng"])
+    return trainer_state
+
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    if not out_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := _CKPT_RE.match(p.name))]
+    return sorted((s, p) for s, p in found if (p / TRAINER_STATE_NAME).exists())
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete ``checkpoint-STEP`` folder with the highest STEP in ``out_dir``, or None."""
+    ckpts = _checkpoints(Path(out_dir))
+    return ckpts[-1][1] if ckpts else None
+
+
+def _resolve_resume(resume_from: str | Path, cfg: TrainConfig) -> Path | None:
+    if str(resume_from) == "auto":
+        return latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
+    p = Path(resume_from)
+    if (p / TRAINER_STATE_NAME).exists() and (p / WEIGHTS_NAME).exists():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(f"resume_from={str(p)!r} is neither a checkpoint folder nor a folder holding "
+                                "checkpoint-STEP folders (pass resume_from='auto' to start fresh when there is none)")
+    return latest
+
+
+def end_training() -> None:
+    """End a multi-process run (what ``Accelerator.end_training`` does): destroy the process group.
+
+    Call it once at the end of a script launched on several processes, after the last collective; some runs
+    abort at exit without it (ENVIRONMENT.md, "Distributed on CPU"). Harmless in a single process.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+def _make_accelerator(precision: str, cfg: TrainConfig):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a new mixed-precision setting for it; a notebook that
+    # calls train() first with "no" and then with "bf16" needs it reset (the process group, if any, is kept).
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+                       gradient_accumulation_steps=cfg.grad_accum_steps,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)])
+
+
+def _reduce_mean(accelerator, values: list[float]) -> list[float]:
+    if accelerator.num_processes == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(t)
+    return (t / accelerator.num_processes).tolist()
+
+
+def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or_batch_fn: Any, cfg: TrainConfig,
+          eval_fn: Callable[[nn.Module], dict] | None = None, collate_fn: Callable | None = None,
+          resume_from: str | Path | None = None, *, stop_at: int | None = None,
+          clip_fn: ClipFn | None = None,
+          param_groups_fn: Callable[[nn.Module], list[dict]] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps (see the module doc for data and loss rules).
+
+    Args:
+        model: an ``nn.Module``; trained in place (also under several processes: it is what DDP wraps).
+        loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, {name: float})``; loss a scalar mean over the batch.
+        dataset_or_batch_fn: a map-style dataset, or ``batch_fn(generator, batch_size) -> global batch``.
+        cfg: a :class:`TrainConfig`.
+        eval_fn: ``eval_fn(model) -> {name: float}``, run under ``torch.no_grad()`` with the model in eval mode,
+            every ``cfg.eval_every`` steps and at the end, on every process (it gets the unwrapped model).
+        collate_fn: turns a list of ``dataset[i]`` into a batch (datasets only; default torch's default_collate).
+        resume_from: a checkpoint folder, a folder of ``checkpoint-STEP`` folders (the latest is used), or
+            ``"auto"`` (the latest in ``cfg.out_dir`` if any, else a fresh start). Restores weights, optimizer,
+            scheduler, step and history: the run continues exactly as if it had never stopped.
+        stop_at: stop after this optimizer step (the schedule still spans ``cfg.steps``): train in chunks, e.g.
+            a lesson that looks at the model half-way, then ``resume_from`` the checkpoint written there.
+        clip_fn: ``clip_fn(model, max_norm) -> norm`` replaces the global-norm clipping of
+            ``accelerator.clip_grad_norm_``; called every step with the unwrapped model and
+            ``cfg.clip_grad_norm or 0``, e.g. :func:`local_clip_fn` for MoE experts (M6 §3.4).
+        param_groups_fn: ``param_groups_fn(model) -> [{"params": [...], "weight_decay": .., "lr": ..}, ...]``
+            replaces :func:`default_param_groups` (e.g. a lower LR for a pretrained encoder); the schedule
+            scales every group's LR by :func:`lr_factor`.
+    Returns:
+        :class:`TrainResult`.
+    """
+    from accelerate.utils import send_to_device
+    from tqdm.auto import tqdm
+
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    precision = resolve_mixed_precision(model, cfg.mixed_precision)
+    accelerator = _make_accelerator(precision, cfg)
+    N, A, rank = accelerator.num_processes, cfg.grad_accum_steps, accelerator.process_index
+    if cfg.batch_size % (N * A):
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by num_processes ({N}) x grad_accum_steps "
+                         f"({A}) = {N * A}: every process needs an equal slice of every micro-batch. Use a multiple "
+                         f"of {N * A}, e.g. batch_size={max(N * A, cfg.batch_size // (N * A) * (N * A))}")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+
+    # optimizer and schedule on the raw model, before any wrapping
+    was_training = model.training
+    groups = param_groups_fn(model) if param_groups_fn else default_param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = _make_scheduler(optimizer, cfg)
+
+    start, history, evals = 0, [], []
+    ckpt = _resolve_resume(resume_from, cfg) if resume_from is not None else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start, history, evals = int(state["step"]), list(state.get("history", [])), list(state.get("evals", []))
+        old = state.get("train_config") or {}
+        changed = [k for k in ("seed", "batch_size", "steps", "lr", "warmup_steps", "min_lr_ratio")
+                   if k in old and old[k] != getattr(cfg, k)]
+        if changed:
+            warnings.warn(f"resuming {ckpt} with a different {', '.join(changed)} than it was trained with: the run "
+                          "continues, but not exactly as the original would have", stacklevel=2)
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+
+    # prepare wraps the model in DDP under several processes; autocast is applied around loss_fn below, so the
+    # forward-patching accelerate does for mixed precision is undone to leave the user's module unchanged.
+    dmodel, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(dmodel, keep_fp32_wrapper=False)
+    dmodel.train()
+
+    main = accelerator.is_main_process
+    bar = tqdm(total=end, initial=min(start, end), desc="train", dynamic_ncols=True,
+               disable=not (cfg.progress_bar and main))
+    batches = _micro_batches(dataset_or_batch_fn, cfg, collate_fn, start, end, N, rank)
+    last_ckpt: str | None = None
+    max_norm = float(cfg.clip_grad_norm or 0.0)
+
+    def evaluate(step: int) -> None:
+        raw.eval()
+        with torch.no_grad():
+            out = eval_fn(raw)
+        raw.train()
+        rec = {"step": step, **{k: float(v) for k, v in dict(out).items()}}
+        evals.append(rec)
+        if main:
+            msg = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step")
+            (bar.write if not bar.disable else print)(f"step {step}: eval {msg}")
+
+    def checkpoint(step: int) -> str:
+        path = Path(cfg.out_dir) / f"checkpoint-{step}"
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(path, raw, optimizer, scheduler, step=step, train_config=cfg, history=history,
+                            evals=evals, extra={"num_processes": N, "mixed_precision": precision})
+            if cfg.keep_checkpoints:
+                for _, old in _checkpoints(Path(cfg.out_dir))[:-cfg.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return str(path)
+
+    try:
+        for step in range(start, end):
+            lr = scheduler.get_last_lr()[0]            # the LR this update uses (first group)
+            loss_sum, metric_sums = 0.0, {}
+            for micro in range(A):
+                batch = send_to_device(next(batches), accelerator.device)
+                _reseed(cfg.seed, step, micro)         # after loading: the DataLoader draws from torch's RNG
+                with accelerator.accumulate(dmodel):   # no DDP all-reduce until the last micro-batch
+                    with accelerator.autocast():
+                        loss, metrics = _split_loss(loss_fn(dmodel, batch))
+                    accelerator.backward(loss)         # divides by grad_accum_steps
+                loss_sum += float(loss.detach())
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v
+            assert accelerator.sync_gradients, "gradient accumulation went out of step with the micro-batches"
+
+            # one all-reduce per step for the logged numbers (metric names must be the same on every process);
+            # checked before the update, so a NaN never reaches the weights (or a checkpoint)
+            keys = sorted(metric_sums)
+            values = _reduce_mean(accelerator, [loss_sum / A] + [metric_sums[k] / A for k in keys])
+            if not math.isfinite(values[0]):
+                raise FloatingPointError(f"loss is {values[0]} at step {step + 1}: lower the learning rate "
+                                         f"(lr={cfg.lr}), raise warmup_steps, or check the data for NaNs")
+            if clip_fn is not None:
+                grad_norm = clip_fn(raw, max_norm)
+            elif max_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(dmodel.parameters(), max_norm)
+            else:
+                grad_norm = None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            rec = {"step": step + 1, "loss": values[0], "lr": lr}
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            rec.update(zip(keys, values[1:]))
+            history.append(rec)
+            bar.update(1)
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                elif main:
+                    extra = "".join(f" {k} {rec[k]:.4g}" for k in keys)
+                    print(f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {lr:.2e}{extra}")
+            if eval_fn is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == end):
+                evaluate(step + 1)
+            if cfg.out_dir and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end):
+                last_ckpt = checkpoint(step + 1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    accelerator.wait_for_everyone()
+
+    return TrainResult(history=history, evals=evals, seconds=time.perf_counter() - t0, step=max(start, end),
+                       mixed_precision=precision, checkpoint=last_ckpt)

@@ -1,0 +1,305 @@
+"""The training loop: it learns, follows the LR schedule, accumulates gradients exactly, resumes exactly, writes
+checkpoints atomically, gives the same parameters on 2 gloo processes as on 1, and rejects bad input clearly."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from mmkit import train as T
+from mmkit.config import register_model
+from mmkit.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+# The toy model and data live in the multi-process worker so that both sides of the 2-process test share them.
+_spec = importlib.util.spec_from_file_location("_ddp_worker", WORKER)
+W = importlib.util.module_from_spec(_spec)
+sys.modules["_ddp_worker"] = W                                      # dataclasses look their module up
+_spec.loader.exec_module(W)
+register_model("train-test-copynet", W.CopyNetConfig, W.CopyNet)   # so hub.load_model_dir can rebuild it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and steadier when other jobs share the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def quiet(**kw) -> TrainConfig:
+    base = dict(mixed_precision="no", progress_bar=False, log_every=0, warmup_steps=2, lr=1e-2)
+    return TrainConfig(**{**base, **kw})
+
+
+def params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_params_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((x - b[k]).abs().max().item() for k, x in a.items())
+    assert worst <= atol, f"parameters differ by up to {worst:.3g} (> {atol})"
+
+
+def copy_batch_fn(g: torch.Generator, batch_size: int):
+    """Fresh copy-task examples for every step, drawn from the step's generator."""
+    x = torch.randint(0, 16, (batch_size, 6), generator=g)
+    return x, x[:, 0].clone()
+
+
+# --- learning, schedule, accumulation -------------------------------------------------------------------
+def test_loss_falls_and_held_out_accuracy_rises():
+    model = W.make_model()
+    held_x, held_y = W.make_dataset(512, seed=123).tensors
+
+    def eval_fn(m):
+        assert not m.training and not torch.is_grad_enabled()        # eval mode, no autograd
+        return {"acc": (m(held_x).argmax(-1) == held_y).float().mean().item()}
+
+    cfg = quiet(steps=60, batch_size=32, lr=3e-2, warmup_steps=5, eval_every=20)
+    res = train(model, W.loss_fn, copy_batch_fn, cfg, eval_fn=eval_fn)
+    first = res.history[0]["loss"]
+    last = sum(h["loss"] for h in res.history[-5:]) / 5
+    # cross-entropy starts above ln(16) = 2.77; copying the first token is learnable to near zero loss
+    assert first > 2.0 and last < 0.1 * first, (first, last)
+    assert [e["step"] for e in res.evals] == [20, 40, 60]
+    assert res.evals[-1]["acc"] >= 0.9                               # chance is 1/16 = 0.0625
+    assert {"step", "loss", "lr", "grad_norm", "acc"} <= set(res.history[-1])
+    assert res.step == 60 and len(res.history) == 60 and res.mixed_precision == "no"
+    assert model.training                                            # left as it was found
+
+
+def test_lr_schedule_matches_hand_computed_values():
+    cfg = quiet(steps=10, warmup_steps=2, lr=0.1, min_lr_ratio=0.1, batch_size=8)
+    # warmup: step s uses lr*(s+1)/2 -> 0.05, 0.1. Cosine over the 8 steps after warmup:
+    # lr * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - 2) / 8)))
+    #   s=2: 0.1 (progress 0)   s=4: 0.1*(0.1+0.45*(1+cos(pi/4)))  = 0.0868198
+    #   s=6: 0.1*(0.1+0.45*1) = 0.055 (half-way)   s=9: 0.1*(0.1+0.45*(1+cos(7pi/8))) = 0.0134254
+    hand = {0: 0.05, 1: 0.1, 2: 0.1, 4: 0.0868198, 6: 0.055, 9: 0.0134254}
+    for s, lr in hand.items():
+        assert T.lr_factor(s, cfg) * cfg.lr == pytest.approx(lr, abs=1e-7)
+    res = train(W.make_model(), W.loss_fn, W.make_dataset(), cfg)     # and the loop really uses them
+    used = [h["lr"] for h in res.history]
+    for s, lr in hand.items():
+        assert used[s] == pytest.approx(lr, abs=1e-7), (s, used[s])
+    assert T.lr_factor(10, cfg) == pytest.approx(0.1)                 # reaches min_lr_ratio one past the end
+
+
+def test_gradient_accumulation_gives_the_same_parameters():
+    ds = W.make_dataset(64)
+    results, norms = {}, {}
+    for accum in (1, 2, 4):
+        model = W.make_model()
+        workers = 1 if accum == 2 else 0                               # a DataLoader worker delivers the same batches
+        res = train(model, W.loss_fn, ds, quiet(steps=6, batch_size=16, grad_accum_steps=accum, num_workers=workers))
+        results[accum], norms[accum] = params(model), [h["grad_norm"] for h in res.history]
+    # AdamW hardly notices a gradient scaled by a constant, so also compare the gradient norms themselves
+    assert norms[2] == pytest.approx(norms[1], rel=1e-5) and norms[4] == pytest.approx(norms[1], rel=1e-5)
+    assert not torch.equal(results[1]["fc.weight"], W.make_model().fc.weight)   # training moved them
+    assert_params_close(results[2], results[1], atol=1e-5)
+    assert_params_close(results[4], results[1], atol=1e-5)
+
+
+def test_weight_decay_skips_biases_norms_and_tied_embeddings():
+    model = W.make_model()
+    decay, no_decay = T.default_param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}          # the tied head.weight is embed.weight
+    assert {names[id(p)] for p in decay["params"]} == {"fc.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} == {"embed.weight", "fc.bias", "norm.weight", "norm.bias"}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+# --- data: deterministic per step, equal slices per process ---------------------------------------------
+def test_step_sampler_is_a_function_of_seed_and_step():
+    full = T.StepSampler(10, batch_size=8, seed=3, start_step=0, end_step=5)
+    batches = list(full)
+    stream = [i for b in batches for i in b]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))  # epochs = permutations
+    assert list(T.StepSampler(10, 8, seed=3, start_step=3, end_step=5)) == batches[3:]        # skip to any step
+    assert list(T.StepSampler(10, 8, seed=4, start_step=0, end_step=5)) != batches            # the seed matters
+    # 2 processes x 2 micro-batches: the four slices of step s tile step s's global batch
+    slices = [list(T.StepSampler(10, 8, 2, 2, r, seed=3, start_step=0, end_step=5)) for r in range(2)]
+    for s in range(5):
+        tiles = [slices[0][2 * s], slices[1][2 * s], slices[0][2 * s + 1], slices[1][2 * s + 1]]
+        assert [i for t in tiles for i in t] == batches[s] and all(len(t) == 2 for t in tiles)
+
+
+# --- checkpoints and exact resume -----------------------------------------------------------------------
+def test_exact_resume_equals_the_straight_run(tmp_path):
+    from mmkit.hub import load_model_dir
+
+    # dropout on, accumulation on, 40 examples with batch 16 (batches straddle epochs): all must replay exactly
+    ds = W.make_dataset(40)
+    kw = dict(steps=10, batch_size=16, grad_accum_steps=2, warmup_steps=3, lr=2e-2)
+    straight = W.make_model(dropout=0.1)
+    res_a = train(straight, W.loss_fn, ds, quiet(**kw))
+
+    out = tmp_path / "run"
+    first = W.make_model(dropout=0.1)
+    res_b1 = train(first, W.loss_fn, ds, quiet(**kw, out_dir=str(out)), stop_at=5)
+    ckpt = out / "checkpoint-5"
+    assert res_b1.checkpoint == str(ckpt) and res_b1.step == 5
+    resumed = W.make_model(seed=7, dropout=0.1)                     # different init: everything must come from disk
+    res_b2 = train(resumed, W.loss_fn, ds, quiet(**kw, out_dir=str(out)), resume_from="auto")
+
+    assert_params_close(params(resumed), params(straight), atol=1e-6)
+    assert [h["step"] for h in res_b2.history] == list(range(1, 11))  # history carried over from the checkpoint
+    for a, b in zip(res_a.history, res_b2.history):
+        assert a["lr"] == pytest.approx(b["lr"], abs=1e-12) and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+    # the checkpoint: safetensors weights (tied weight stored once), weights_only state, JSON trainer state
+    weights = load_file(ckpt / "model.safetensors")
+    assert "fc.weight" in weights and ("embed.weight" in weights) != ("head.weight" in weights)
+    state = torch.load(ckpt / "training_state.pt", weights_only=True)
+    assert state["step"] == 5 and {"optimizer", "scheduler", "rng"} <= set(state)
+    trainer = json.loads((ckpt / "trainer_state.json").read_text())
+    assert trainer["step"] == 5 and trainer["train_config"]["batch_size"] == 16 and len(trainer["history"]) == 5
+    rebuilt = load_model_dir(out / "checkpoint-10")                   # config.json + weights rebuild the model
+    assert isinstance(rebuilt, W.CopyNet)
+    assert_params_close(params(rebuilt), params(straight), atol=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-10", "checkpoint-5"]   # keep_checkpoints=2
+
+
+def test_interrupted_save_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
+    model = W.make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    good = T.save_checkpoint(tmp_path / "ckpt", model, opt, step=1)
+
+    def crash(obj, f, *a, **k):                                      # dies half-way through writing the state
+        Path(f).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T.torch, "save", crash)
+    with torch.no_grad():
+        model.fc.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        T.save_checkpoint(tmp_path / "ckpt", model, opt, step=2)     # over an existing checkpoint
+    with pytest.raises(OSError, match="disk full"):
+        T.save_checkpoint(tmp_path / "fresh", model, opt, step=2)    # into a new folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]    # no temp folders, no "fresh"
+    assert json.loads((good / "trainer_state.json").read_text())["step"] == 1   # the old one is intact
+    assert torch.load(good / "training_state.pt", weights_only=True)["step"] == 1
+    assert not torch.equal(load_file(good / "model.safetensors")["fc.weight"], model.fc.weight.detach())
+
+
+# --- precision and hooks ----------------------------------------------------------------------------------
+def test_auto_precision_threshold_and_bf16_training():
+    narrow = nn.Sequential(nn.Linear(128, 512), nn.Linear(512, 128))   # a 128-wide FFN: width 128
+    wide = nn.Sequential(nn.Linear(1024, 4096), nn.Linear(4096, 1024))
+    assert T.model_width(narrow) == 128 and T.model_width(wide) == 1024
+    assert T.resolve_mixed_precision(narrow, "auto") == "no"
+    assert T.resolve_mixed_precision(wide, "auto") == ("bf16" if T.cpu_supports_fast_bf16() else "no")
+    assert T.resolve_mixed_precision(narrow, "bf16") == "bf16"
+
+    model = W.make_model()
+    res = train(model, W.loss_fn, W.make_dataset(), quiet(steps=4, batch_size=8, mixed_precision="bf16"))
+    assert res.mixed_precision == "bf16" and all(math.isfinite(h["loss"]) for h in res.history)
+    assert all(p.dtype == torch.float32 for p in model.parameters())           # autocast, fp32 master weights
+    res = train(model, W.loss_fn, W.make_dataset(), quiet(steps=2, batch_size=8))  # switching back works
+    assert res.mixed_precision == "no"
+
+
+def test_clip_fn_hook_and_local_clipping():
+    class Moe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    m = Moe()
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    clip = T.local_clip_fn(lambda name, p: name.startswith("experts."), local_max_norm=0.5)
+    norm = clip(m, 1.0)
+    shared = torch.cat([p.grad.flatten() for p in m.shared.parameters()]).norm()
+    experts = torch.cat([p.grad.flatten() for p in m.experts.parameters()]).norm()
+    assert float(norm) == pytest.approx(10.0 * math.sqrt(20), rel=1e-5)   # norm before clipping, shared only
+    assert float(shared) == pytest.approx(1.0, rel=1e-4) and float(experts) == pytest.approx(0.5, rel=1e-4)
+
+    calls = []
+
+    def counting_clip(model, max_norm):
+        calls.append(max_norm)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    res = train(W.make_model(), W.loss_fn, W.make_dataset(), quiet(steps=3, batch_size=8, clip_grad_norm=0.25),
+                clip_fn=counting_clip)
+    assert calls == [0.25] * 3 and all("grad_norm" in h for h in res.history)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+def test_bad_input_gives_clear_errors():
+    ds, m = W.make_dataset(), W.make_model()
+    with pytest.raises(ValueError, match=r"batch_size 10 is not divisible by .* grad_accum_steps \(4\) = 4"):
+        train(m, W.loss_fn, ds, quiet(steps=1, batch_size=10, grad_accum_steps=4))
+    with pytest.raises(ValueError, match="scalar"):
+        train(m, lambda model, b: nn.functional.cross_entropy(model(b[0]), b[1], reduction="none"), ds,
+              quiet(steps=1, batch_size=8))
+    with pytest.raises(TypeError, match="IterableDataset"):
+        train(m, W.loss_fn, torch.utils.data.IterableDataset(), quiet(steps=1, batch_size=8))
+    with pytest.raises(ValueError, match="mixed_precision"):
+        train(m, W.loss_fn, ds, quiet(steps=1, batch_size=8, mixed_precision="fp16"))
+    with pytest.raises(ValueError, match="returned a batch of 4 examples"):
+        train(m, W.loss_fn, lambda g, n: copy_batch_fn(g, 4), quiet(steps=1, batch_size=8))
+    before = params(m)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        train(m, lambda model, b: W.loss_fn(model, b)[0] * float("nan"), ds, quiet(steps=1, batch_size=8))
+    assert all(torch.equal(v, before[k]) for k, v in params(m).items())      # caught before the update
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        train(m, W.loss_fn, ds, quiet(steps=1, batch_size=8), resume_from="/nonexistent/run")
+
+
+def test_precision_benchmark_runs(capsys):
+    from mmkit.cli import main
+
+    assert main(["bench", "precision", "--widths", "32", "--kinds", "mlp", "--repeats", "1", "--warmup", "0",
+                 "--seq", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32/bf16" in out and "mlp" in out
+
+
+# --- two gloo processes --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
+           str(WORKER), "--out", str(out), "--steps", "8", "--batch", "16", "--accum", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("worker done: world 2, step 8") == 2, proc.stdout
+
+    # one process, no accumulation, same global batch of 16 (each worker saw 2 micro-batches of 4)
+    model = W.make_model()
+    cfg = quiet(steps=8, batch_size=16, grad_accum_steps=1, out_dir=None)
+    res = train(model, W.loss_fn, W.make_dataset(), cfg)
+    ckpt = out / "checkpoint-8"
+    ddp = load_file(ckpt / "model.safetensors")
+    assert_params_close({k: ddp[k] for k in ddp}, {k: v for k, v in params(model).items() if k in ddp}, atol=1e-5)
+    trainer = json.loads((ckpt / "trainer_state.json").read_text())
+    assert trainer["num_processes"] == 2
+    for a, b in zip(trainer["history"], res.history):                 # losses averaged over the 2 processes
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)   # DDP-averaged = full-batch gradient
