@@ -1,0 +1,88 @@
+"""mmkit.viz plotting helpers for masks and tokens: what is drawn matches what was given."""
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
+
+from mmkit.masking import unified_mask  # noqa: E402
+from mmkit.viz import (BLOCKED_COLOUR, SEGMENT_COLOURS, TOKEN_COLOURS, plot_attention_mask,  # noqa: E402
+                       plot_token_rows, segment_runs)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_segment_runs_hand_computed():
+    assert segment_runs([0, 0, 1, 2, 2, -1]) == [(0, 0, 2), (1, 2, 3), (2, 3, 5), (-1, 5, 6)]
+    assert segment_runs(torch.tensor([0, 0, -1, 1, -1, 2])) == [(0, 0, 2), (-1, 2, 3), (1, 3, 4), (-1, 4, 5),
+                                                                (2, 5, 6)]
+    assert segment_runs([]) == []
+
+
+def test_mask_cells_boundaries_and_names():
+    um = unified_mask(2, 1, 2)                                # segments [0 0 1 2 2]
+    tokens = ["v0", "v1", "a", "[BOS]", "a"]
+    ax = plot_attention_mask(um.mask, um.segment_ids, tokens=tokens, title="t")
+    img = ax.images[0].get_array()                             # (L, L, 3): row = query, column = key
+    assert img.shape == (5, 5, 3)
+    blocked = np.array(to_rgb(BLOCKED_COLOUR))
+    drawn_allowed = ~np.isclose(img, blocked).all(-1)
+    assert (drawn_allowed == um.mask.numpy()).all()
+    # an allowed cell has the colour of its query's segment: decoder row 4 sees visual key 0 in orange
+    assert np.allclose(img[4, 0], to_rgb(SEGMENT_COLOURS[2])) and np.allclose(img[0, 1], to_rgb(SEGMENT_COLOURS[0]))
+    # segment boundaries at 1.5 (visual|encoder) and 2.5 (encoder|decoder), horizontal and vertical
+    h = sorted(line.get_ydata()[0] for line in ax.lines if line.get_xdata()[0] == 0 and line.get_xdata()[1] == 1)
+    v = sorted(line.get_xdata()[0] for line in ax.lines if line.get_ydata()[0] == 0 and line.get_ydata()[1] == 1)
+    assert h == [1.5, 2.5] and v == [1.5, 2.5]
+    assert [t.get_text() for t in ax.get_xticklabels()] == tokens
+    assert [t.get_text() for t in ax.get_yticklabels()] == tokens
+    plt.gcf().canvas.draw()
+    texts = {t.get_text() for child in ax.child_axes for t in child.get_xticklabels() + child.get_yticklabels()}
+    assert {"visual", "enc", "decoder text"} <= texts        # 1-wide runs get the short name on top
+
+
+def test_mask_accepts_additive_float_and_4d_single_example():
+    um = unified_mask(0, 0, 3)
+    additive = torch.zeros(3, 3).masked_fill(~um.mask, float("-inf"))
+    ax = plot_attention_mask(additive[None, None])
+    assert (~np.isclose(ax.images[0].get_array(), np.array(to_rgb(BLOCKED_COLOUR))).all(-1) == um.mask.numpy()).all()
+
+
+def test_mask_errors_name_the_fix():
+    um = unified_mask([1, 2], [1, 1], [2, 2])                 # a batch (2, L, L)
+    with pytest.raises(ValueError, match=r"mask\[b\]"):
+        plot_attention_mask(um.mask, um.segment_ids)
+    with pytest.raises(ValueError, match="segment_ids has"):
+        plot_attention_mask(um.mask[0], um.segment_ids[0, :-1])
+    with pytest.raises(ValueError, match="one label per position"):
+        plot_attention_mask(um.mask[0], tokens=["x"])
+
+
+def test_token_rows_draw_every_token_in_its_kind_colour():
+    rows = [["a", "[MASK]", "circle"], [None, "red", None]]
+    kinds = [["text", "[MASK]", "kept"], [None, "target", None]]
+    ax = plot_token_rows(rows, kinds, row_labels=["input", "label"], title="mlm")
+    assert [t.get_text() for t in ax.texts] == ["a", "[MASK]", "circle", "red"]
+    faces = [p.get_facecolor()[:3] for p in ax.patches]
+    assert np.allclose(faces, [to_rgb(TOKEN_COLOURS[k]) for k in ("text", "[MASK]", "kept", "target")])
+    # the "red" label sits in the same column as "[MASK]"
+    assert ax.texts[3].get_position()[0] == ax.texts[1].get_position()[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["text", "[MASK]", "kept", "target"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["input", "label"]
+
+
+def test_token_rows_unknown_kind_gets_a_colour_and_bad_shapes_fail():
+    ax = plot_token_rows([["x", "y"]], [["mine", "mine"]])
+    assert ax.patches[0].get_facecolor() == ax.patches[1].get_facecolor()
+    with pytest.raises(ValueError, match="shape of rows"):
+        plot_token_rows([["x", "y"]], [["text"]])
+    with pytest.raises(ValueError, match="at least one row"):
+        plot_token_rows([])
