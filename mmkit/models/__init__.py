@@ -1,1 +1,3 @@
 """Model files. Importing this package registers every model and its presets with mmkit.config."""
+
+from mmkit.models import m6  # noqa: E402,F401  (registers "m6" and the m6-tiny / m6-base / m6-10b presets)
