@@ -1,3 +1,4 @@
 """Model files. Importing this package registers every model and its presets with mmkit.config."""
 
 from mmkit.models import m6  # noqa: E402,F401  (registers "m6" and the m6-tiny / m6-base / m6-10b presets)
+from mmkit.models import vqgan  # noqa: E402,F401  (registers "vqgan", the vqgan-world-tiny preset and the vqgan-world recipe)
