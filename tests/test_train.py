@@ -31,13 +31,7 @@ _spec.loader.exec_module(W)
 register_model("train-test-copynet", W.CopyNetConfig, W.CopyNet)   # so hub.load_model_dir can rebuild it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and steadier when other jobs share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet(**kw) -> TrainConfig:

@@ -24,12 +24,7 @@ TINY = dict(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channel
             disc_ndf=8, disc_num_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, **overrides) -> VQGAN:
