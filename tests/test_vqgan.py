@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import mmkit
-from mmkit.config import config_to_dict, config_from_dict
+from mmkit.config import config_from_dict, config_to_dict, replace_config
 from mmkit.models.vqgan import (VQGAN, VQGANConfig, adaptive_weight, codebook_usage, config_from_taming,
                                 evaluate_reconstruction, generator_loss, hinge_d_loss, is_discriminator_param,
                                 load_taming_checkpoint, read_taming_state_dict, vanilla_d_loss, vqgan_loss_fn)
@@ -56,7 +56,7 @@ def test_encode_decode_shapes_and_ranges():
 
 def test_preset_and_config_round_trip():
     cfg = mmkit.load_config("vqgan-world-tiny")
-    assert (cfg.resolution, cfg.grid_size, cfg.n_embed) == (64, 8, 256)
+    assert (cfg.resolution, cfg.grid_size, cfg.n_embed) == (32, 8, 256)
     assert config_from_dict(config_to_dict(cfg)) == cfg
     m = mmkit.build_model("vqgan-world-tiny", device="meta")
     keys = set(m.state_dict())
@@ -153,7 +153,8 @@ def test_gan_gradients_reach_only_their_own_network():
     q = m.quantize_st(m.encode_latent(x))
     x_rec = m.decode_latent(q.z_q)
     g = generator_loss(D(x_rec))
-    ref = (x * 2 - 1 - x_rec).abs().mean() + q.vq_loss + out.logs["d_weight"] * g
+    err = x * 2 - 1 - x_rec
+    ref = c.l1_weight * err.abs().mean() + c.l2_weight * (err ** 2).mean() + q.vq_loss + out.logs["d_weight"] * g
     ref.backward()
     for n, p in m.named_parameters():
         if not is_discriminator_param(n):
@@ -199,6 +200,18 @@ def test_dead_codes_restart_onto_encoder_outputs():
     assert (m.loss.code_usage[[3, 7]] > 0).all()                # and got a grace period
 
 
+def test_restarts_aim_at_the_worst_fitting_encoder_output():
+    m = _model()
+    with torch.no_grad():
+        w = m.quantize.embedding.weight
+        w.copy_(torch.randn(32, 8, generator=torch.Generator().manual_seed(0)))
+        m.loss.code_usage.fill_(1.0 / 32)
+        m.loss.code_usage[5] = 0.0
+    z = torch.stack([w[0], w[1], w[2], torch.full((8,), 10.0)]).detach().T.reshape(1, 8, 2, 2)  # (B, E, h, w)
+    assert m._restart_dead_codes(z) == 1
+    torch.testing.assert_close(m.quantize.embedding.weight[5].detach(), torch.full((8,), 10.0))  # the far one
+
+
 # --- learning --------------------------------------------------------------------------------------------------
 
 def test_training_on_world_images_improves_reconstruction():
@@ -213,10 +226,36 @@ def test_training_on_world_images_improves_reconstruction():
                       mixed_precision="no", progress_bar=False, log_every=0)
     res = train(m, vqgan_loss_fn, train_ds, cfg, clip_fn=local_clip_fn(is_discriminator_param))
     after = evaluate_reconstruction(m, val)
-    assert after["mse"] < before["mse"] / 4, (before, after)                      # stated factor: 4x lower MSE
-    assert after["psnr"] > before["psnr"] + 6
+    assert after["mse"] < before["mse"] / 8, (before, after)     # stated factor: 8x lower MSE (measured 16-17x, 3 seeds)
+    assert after["psnr"] > before["psnr"] + 9                   # measured +11.9 to +12.4 dB
     assert res.history[-1]["disc_on"] == 1.0 and "d_loss" in res.history[-1]       # the GAN phase ran
     assert after["codes_used"] + after["dead_codes"] == 32
+
+
+def test_resume_through_gan_start_and_restarts_is_exact(tmp_path):
+    """The step counter, usage EMA and discriminator live in the state dict: a run cut in two by a checkpoint ends
+    with exactly the parameters of the uninterrupted run (restarts and disc_start fall inside the cut)."""
+    from mmkit.train import TrainConfig, local_clip_fn, train
+
+    images = _images(16, seed=3)
+
+    def batch_fn(g, n):
+        return images[torch.randint(0, 16, (n,), generator=g)]
+
+    def run(out, stop_at=None, resume=None):
+        m = _model(disc_start=3, restart_every=2)
+        cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, betas=(0.5, 0.9), weight_decay=0.0, warmup_steps=1,
+                          mixed_precision="no", progress_bar=False, log_every=0, out_dir=str(out))
+        train(m, vqgan_loss_fn, batch_fn, cfg, clip_fn=local_clip_fn(is_discriminator_param), stop_at=stop_at,
+              resume_from=resume)
+        return m
+
+    full = run(tmp_path / "a")
+    run(tmp_path / "b", stop_at=2)
+    resumed = run(tmp_path / "b", resume="auto")
+    assert int(resumed.loss.global_step) == 6
+    for (k, v), (k2, v2) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
 
 
 # --- official checkpoints ----------------------------------------------------------------------------------------
@@ -332,6 +371,21 @@ class _Evil:
         return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
 
 
+def test_imagenet_preset_is_the_official_config():
+    official = {"model": {"base_learning_rate": 4.5e-06, "target": "taming.models.vqgan.VQModel", "params": {
+        "embed_dim": 256, "n_embed": 1024, "ddconfig": {
+            "double_z": False, "z_channels": 256, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+            "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.0},
+        "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", "params": {
+            "disc_conditional": False, "disc_in_channels": 3, "disc_start": 0, "disc_weight": 0.75,
+            "disc_num_layers": 2, "codebook_weight": 1.0}}}}}
+    cfg = config_from_taming(official)
+    assert cfg == mmkit.load_config("vqgan-imagenet-f16-1024") == config_from_taming("vqgan-imagenet-f16-1024")
+    assert cfg.grid_size == 16
+    m = mmkit.build_model(cfg, device="meta")
+    assert m.quantize.embedding.weight.shape == (1024, 256) and m.decoder.conv_out.weight.shape == (3, 128, 3, 3)
+
+
 def test_checkpoint_errors_and_malicious_pickles(tmp_path):
     ref, sd, cfg_path = _taming_reference(tmp_path)
     marker = tmp_path / "pwned.txt"
@@ -358,3 +412,18 @@ def test_checkpoint_errors_and_malicious_pickles(tmp_path):
     with pytest.raises(ValueError, match="no state_dict"):
         torch.save([1, 2], tmp_path / "list.ckpt")
         read_taming_state_dict(tmp_path / "list.ckpt")
+
+
+@pytest.mark.slow
+def test_fast_recipe_ships_a_small_checkpoint_that_the_hub_loads(tmp_path):
+    from mmkit.hub import load_model_dir
+    from mmkit.recipes import read_recipe_info, run_recipe
+
+    metrics = run_recipe("vqgan-world", tmp_path / "vq", fast=True)
+    assert metrics["val_mse"] < 0.5 * metrics["init_val_mse"]
+    assert (tmp_path / "vq" / "model.safetensors").stat().st_size < 5e6
+    assert read_recipe_info(tmp_path / "vq")["config"] == "vqgan-world-tiny"
+    m = load_model_dir(tmp_path / "vq")                                       # strict: every key, buffers too
+    assert isinstance(m, VQGAN) and m.config == replace_config(mmkit.load_config("vqgan-world-tiny"), disc_start=120)
+    x = _images(2)
+    assert m.decode(m.encode(x)).shape == (2, 3, 32, 32)
