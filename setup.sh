@@ -67,6 +67,19 @@ else
   echo "==> $VENV is up to date"
 fi
 
+# The app tests look at each Gradio page in headless Chromium (Debian's `chromium` package).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing chromium (apt) for the app page tests"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+  else
+    echo "setup.sh: chromium is missing; the app page tests need it. Install it as root:" >&2
+    echo "          apt-get install -y chromium     (or your system's chromium package)" >&2
+  fi
+fi
+
 if [ "$open_lab" = 1 ]; then
   echo "==> opening JupyterLab on notebooks/ (Ctrl-C to stop)"
   exec "$VENV/bin/jupyter" lab --ip 127.0.0.1 notebooks/

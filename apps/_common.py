@@ -1,0 +1,85 @@
+"""What every mmkit Gradio app shares: command-line flags, launching, and cleaning text that people type.
+
+The apps are scripts (`python apps/NAME.py`); Python puts `apps/` on the path, so they `import _common`.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import unicodedata
+from typing import NamedTuple, Sequence
+
+
+def parse_args(description: str, default_port: int, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """--host (127.0.0.1: only this machine can connect), --port, --share (a public gradio.live link)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=default_port, help=f"port to listen on (default {default_port})")
+    p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (needs network)")
+    args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        p.error(f"--port {args.port} is not a TCP port; use a number from 1 to 65535")
+    return args
+
+
+def launch(demo, args: argparse.Namespace, concurrency: int = 1) -> None:
+    """Queue requests (one model, 2 cores: users wait their turn instead of slowing each other) and serve."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text people type
+# ---------------------------------------------------------------------------------------------------------
+
+class CleanText(NamedTuple):
+    text: str            # what the model reads: printable characters, single spaces
+    notes: list[str]     # what was changed and why, to show the user (empty when nothing changed)
+
+
+class InputError(ValueError):
+    """Input a person can fix; the apps show its message (as gr.Error) instead of a traceback."""
+
+
+def _is_symbol(ch: str) -> bool:
+    # emoji, pictographs and other symbols (So), plus variation selectors / joiners that glue emoji (Cf / Mn)
+    cat = unicodedata.category(ch)
+    return cat in ("So", "Cs", "Co") or ch in "\u200d\ufe0f\ufe0e"
+
+
+def clean_text(text: str | None, *, field: str = "prompt", max_chars: int = 300, example: str = "") -> CleanText:
+    """Check and tidy a typed text; raise InputError with the fix when nothing usable is left.
+
+    Removes control characters and emoji / symbols (the world's vocabulary has none), collapses whitespace.
+    """
+    hint = f" such as: {example}" if example else ""
+    if text is None or not str(text).strip():
+        raise InputError(f"The {field} is empty. Type one{hint}.")
+    text = str(text)
+    if len(text) > max_chars:
+        raise InputError(f"The {field} has {len(text):,} characters; the limit is {max_chars}. "
+                         f"Shorten it to one short sentence{hint}.")
+    notes = []
+    controls = sum(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text)
+    symbols = sum(_is_symbol(c) for c in text)
+    kept = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text if not _is_symbol(c))
+    kept = re.sub(r"\s+", " ", kept).strip()
+    if controls:
+        notes.append(f"removed {controls} control character{'s' * (controls > 1)}")
+    if symbols:
+        notes.append(f"removed {symbols} emoji / symbol{'s' * (symbols > 1)} (the model knows only words)")
+    if not kept:
+        raise InputError(f"The {field} has no words left after removing emoji and control characters. "
+                         f"Type words{hint}.")
+    return CleanText(kept, notes)
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words of `text` the tokenizer's vocabulary does not hold whole (split into pieces or [UNK]).
+
+    Chinese is read character by character, so each CJK character counts as a word here.
+    """
+    vocab = tokenizer.get_vocab()
+    words = re.findall(r"[\u3400-\u9fff]|[A-Za-z]+|\d+", text)
+    return sorted({w for w in words if w.lower() not in vocab and w not in vocab})
