@@ -1,0 +1,40 @@
+"""apps/_common.py: the flags every app takes and the cleaning of text people type."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps"))
+import _common  # noqa: E402
+from _common import InputError, clean_text, parse_args, unknown_words  # noqa: E402
+
+
+def test_flags_default_to_this_machine_only():
+    a = parse_args("x", 7860, [])
+    assert (a.host, a.port, a.share) == ("127.0.0.1", 7860, False)
+    a = parse_args("x", 7860, ["--host", "0.0.0.0", "--port", "7999", "--share"])
+    assert (a.host, a.port, a.share) == ("0.0.0.0", 7999, True)
+    with pytest.raises(SystemExit):
+        parse_args("x", 7860, ["--port", "70000"])
+
+
+def test_clean_text_keeps_words_and_says_what_it_removed():
+    t = clean_text("  a red\tcircle \x07 at the top 😀\u200d left ", example="a red circle")
+    assert t.text == "a red circle at the top left"
+    assert t.notes == ["removed 1 control character", "removed 2 emoji / symbols (the model knows only words)"]
+    assert clean_text("红色的圆").text == "红色的圆" and clean_text("a circle").notes == []
+
+
+@pytest.mark.parametrize("text, words", [(None, "empty"), ("   \n ", "empty"), ("😀🎨", "no words left"),
+                                         ("\x00\x01", "no words left"), ("x" * 10_000, "10,000 characters")])
+def test_bad_text_gets_a_message_with_the_fix(text, words):
+    with pytest.raises(InputError, match=words) as e:
+        clean_text(text, field="prompt", max_chars=300, example="a red circle")
+    assert "a red circle" in str(e.value) or "Type words" in str(e.value)
+
+
+def test_unknown_words_against_a_vocabulary():
+    class Vocab:
+        def get_vocab(self):
+            return {"a": 0, "red": 1, "circle": 2, "红": 3}
+    assert unknown_words(Vocab(), "A red Giraffe circle 红 绿 42") == ["42", "Giraffe", "绿"]
