@@ -3,3 +3,4 @@
 from mmkit.models import m6  # noqa: E402,F401  (registers "m6" and the m6-tiny / m6-base / m6-10b presets)
 from mmkit.models import vqgan  # noqa: E402,F401  (registers "vqgan", the vqgan-world-tiny preset and the vqgan-world recipe)
 from mmkit.models import m6_pretrain  # noqa: E402,F401  (M6 §3.3 multitask pretraining; registers the "m6-tiny-pretrained" recipe)
+from mmkit.models import m6_downstream  # noqa: E402,F401  (M6 §4.3-4.6 downstream; registers "m6_itm" and the "m6-tiny-itm" recipe)
