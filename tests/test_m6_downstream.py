@@ -165,7 +165,7 @@ def test_text_qa_answers_state_every_fact_in_description_order():
         assert answer_facts(qa.answer, scene) == 1.0
         order = _description_order(scene, qa.prompt)
         assert sorted(map(id, order)) == sorted(map(id, scene.objects))            # every object, once
-        if len(set(o.attributes[:3] for o in scene.objects)) == len(scene.objects):  # distinct noun phrases:
+        if len({(o.colour, o.shape) for o in scene.objects}) == len(scene.objects):  # distinct objects:
             ctx = qa.prompt.lower()                                                # the description's order
             first = [ctx.index(f" {o.colour} {o.shape}") for o in order]
             assert first == sorted(first)
