@@ -182,3 +182,32 @@ def test_text_qa_finetune_lowers_the_answer_loss(tok):
                                   progress_bar=False, log_every=0))
     first, last = r.history[0]["loss"], sum(h["loss"] for h in r.history[-3:]) / 3
     assert last < first / 3, (first, last)      # measured 6.1 -> ~0.4 by step 18 (batch 32)
+
+
+# --- poems (M6 §4.5) -------------------------------------------------------------------------------------
+def test_poem_facts_on_hand_made_poems():
+    from mmkit.data.text import poem
+    from mmkit.data.world import make_scene
+    from mmkit.models.m6_downstream import poem_facts
+
+    scene = make_scene([("circle", "red", "small", "top left"), ("square", "blue", "large", "center")])
+    assert poem_facts(poem(scene, 5), scene) == (2, 2, 2)
+    assert poem_facts(poem(scene, 7), scene) == (2, 2, 2)
+    # a wrong colour, a wrong size, a right line and a scenic line (no claim)
+    assert poem_facts("绿圆居左上，大大红圆居左上。蓝方在中央，白底映清光。", scene) == (3, 1, 1)
+
+
+def test_finetuned_poems_obey_every_rule_and_name_true_objects(tok):
+    from mmkit.models.m6_downstream import evaluate_poems, finetune_text, poem_data
+
+    torch.manual_seed(0)
+    model = hub.load("m6-tiny-pretrained")
+    _, data = poem_data("train", 500, start=50_000, tok=tok)
+    finetune_text(model, data, TrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=10, mixed_precision="no",
+                                           progress_bar=False, log_every=0))
+    for method in ("greedy", "beam", "sample"):
+        ev = evaluate_poems(model, tok, n=12, method=method)
+        assert ev.rule_ok == 1.0, ev.poems                   # the format processor: every poem obeys M6 §4.5
+        # a random object line is true with p < 0.05 (6 colours x 3 shapes x 9 cells, <= 3 objects); measured
+        # after 60 steps: greedy 0.93, beam 0.95, sampling 0.83
+        assert ev.fact_precision >= 0.5, (method, ev.poems)
