@@ -4,4 +4,5 @@ from mmkit.models import m6  # noqa: E402,F401  (registers "m6" and the m6-tiny 
 from mmkit.models import vqgan  # noqa: E402,F401  (registers "vqgan", the vqgan-world-tiny preset and the vqgan-world recipe)
 from mmkit.models import m6_pretrain  # noqa: E402,F401  (M6 §3.3 multitask pretraining; registers the "m6-tiny-pretrained" recipe)
 from mmkit.models import m6_downstream  # noqa: E402,F401  (M6 §4.3-4.6 downstream; registers "m6_itm" and the "m6-tiny-itm" recipe)
+from mmkit.models import m6_vqa  # noqa: E402,F401  (M6 §4.2 generative VQA; registers the "m6-tiny-vqa" recipe and VQA models)
 from mmkit.models import m6_moe  # noqa: E402,F401  (M6 §3.4 M6-MoE; registers "m6_moe", the m6-tiny-moe / m6-100b presets, ffn_type "moe")
