@@ -203,7 +203,7 @@ def test_finetuned_poems_obey_every_rule_and_name_true_objects(tok):
     torch.manual_seed(0)
     model = hub.load("m6-tiny-pretrained")
     _, data = poem_data("train", 500, start=50_000, tok=tok)
-    finetune_text(model, data, TrainConfig(steps=40, batch_size=32, lr=2e-3, warmup_steps=10, mixed_precision="no",
+    finetune_text(model, data, TrainConfig(steps=60, batch_size=32, lr=2e-3, warmup_steps=10, mixed_precision="no",
                                            progress_bar=False, log_every=0))
     for method in ("greedy", "beam", "sample"):
         ev = evaluate_poems(model, tok, n=12, method=method)
