@@ -1,0 +1,204 @@
+"""Ask a picture a question: generative VQA with M6 (M6 §4.2), in English or Chinese.
+
+    python apps/vqa.py --port 7862             # http://127.0.0.1:7862 ; --host 0.0.0.0 / --share to open it up
+
+Upload, paste or draw a picture (or pick a Shapes World scene), ask about it, and see the answer, how sure the
+model is, what else it considered, and a heat map of where the answer came from, plus the 32 px image the model
+actually saw. The API endpoint ``/answer`` takes (image, question[, model, heat map method]) and returns the
+answer first::
+
+    from gradio_client import Client, handle_file
+    Client("http://127.0.0.1:7862/").predict(handle_file("scene.png"), "what color is the circle?", api_name="/answer")
+
+Models come from :mod:`mmkit.vqa_models` (a model registers itself there in a few lines); checkpoints load
+through :mod:`mmkit.hub` (shipped in the repository, no training at start-up).
+"""
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # run from a fresh clone without install
+
+from _common import InputError, clean_text, launch, parse_args, unknown_words  # noqa: E402
+
+MAX_QUESTION_CHARS = 200
+DISPLAY = 256                         # side of the shown images (the model's 32 px, enlarged without smoothing)
+EXAMPLE_QUESTIONS = [                 # every question type, English and Chinese
+    ("what colour is the circle?", "colour"), ("what shape is the red object?", "shape"),
+    ("is the square small or large?", "size"), ("how many objects are there?", "count"),
+    ("is there a blue triangle?", "existence"), ("where is the circle?", "position"),
+    ("is the circle left of the square?", "relation"),
+    ("圆形是什么颜色的？", "colour"), ("红色的物体是什么形状的？", "shape"), ("正方形是大的还是小的？", "size"),
+    ("图中一共有几个物体？", "count"), ("图中有蓝色三角形吗？", "existence"), ("圆形在哪里？", "position"),
+    ("圆形在正方形的左边吗？", "relation"),
+]
+BRUSH_COLOURS = ["#dc2626", "#22a046", "#285adc", "#f0c814", "#8c3cbe", "#f58214", "#000000"]   # world colours + black
+
+
+def _world_example(seed: int, folder: Path) -> tuple[str, str]:
+    """Render test-split scene ``seed`` (32 px, enlarged exactly) to a PNG; return (path, a true question)."""
+    from PIL import Image
+
+    from mmkit.data.text import sample_question
+    from mmkit.data.world import render, sample_scene
+
+    scene = sample_scene(seed)
+    path = folder / f"scene_{seed}.png"
+    if not path.exists():
+        render(scene, 32).resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST).save(path)
+    lang = "en" if seed % 3 else "zh"
+    return str(path), sample_question(scene, lang, seed=seed).question
+
+
+def _overlay(image, heat):
+    """The seen image enlarged, with the heat map (S, S) in [0, 1] blended on top (inferno colours)."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    base = np.asarray(image.resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST), dtype=np.float32) / 255
+    h = Image.fromarray((heat.numpy() * 255).astype("uint8"), "L").resize((DISPLAY, DISPLAY), Image.Resampling.BILINEAR)
+    h = np.asarray(h, dtype=np.float32)[..., None] / 255
+    colour = colormaps["inferno"](h[..., 0])[..., :3]
+    out = base * (1 - 0.6 * h) + colour * 0.6 * h
+    return Image.fromarray((out.clip(0, 1) * 255).astype("uint8"), "RGB")
+
+
+def _pass_path_through(image) -> None:
+    """Make a gr.Image(type="filepath") hand the uploaded file's path to the app unopened: an unreadable or non-image
+    file then gets the app's own clear message (gr.Image would fail first, with a generic one), and a huge picture
+    is decoded once, at reduced scale, by mmkit.data.preprocess. (An instance attribute, not a subclass: gradio
+    writes a .pyi file next to any module that subclasses a component.)"""
+    image.preprocess = lambda payload: None if payload is None else payload.path
+
+
+def build_demo():
+    import gradio as gr
+    from PIL import Image
+
+    from mmkit.data.preprocess import ImageInputError, preprocess_image
+    from mmkit.tokenizer import load_tokenizer
+    from mmkit.vqa_models import vqa_models
+
+    models = {e.name: e for e in vqa_models()}
+    if not models:
+        raise SystemExit("no VQA model checkpoint is available; run `mmkit train m6-tiny-vqa` first")
+    default_model = next(iter(models))
+    models[default_model].model()                      # load now: the first user does not wait for it
+    tok = load_tokenizer("world")
+    folder = Path(tempfile.mkdtemp(prefix="mmkit-vqa-"))
+    from mmkit.data.world import split_seeds
+
+    test_seeds = split_seeds("test", 100_000)
+    examples = [list(_world_example(s, folder)) for s in (test_seeds[3], test_seeds[10], test_seeds[21],
+                                                         test_seeds[42], test_seeds[57], test_seeds[64])]
+
+    def run(image, question, model_name, method):
+        """Preprocess, answer, heat map; every person-fixable problem becomes a gr.Error (no traceback)."""
+        t0 = time.perf_counter()
+        try:
+            q = clean_text(question, field="question", max_chars=MAX_QUESTION_CHARS,
+                           example="what colour is the circle?")
+            if model_name not in models:
+                raise InputError(f"Unknown model {model_name!r}; choose one of {list(models)}.")
+            entry = models[model_name]
+            pre = preprocess_image(image, size=entry.image_size)
+        except (InputError, ImageInputError) as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        t1 = time.perf_counter()
+        model = entry.model()
+        a = entry.answer(model, pre.tensor, q.text)
+        t2 = time.perf_counter()
+        heat = entry.heatmap(model, pre.tensor, a.question, a.answer, method=method)
+        t3 = time.perf_counter()
+        notes = q.notes + pre.notes
+        unknown = unknown_words(tok, a.question)
+        if unknown:
+            notes.append("words the model never saw: " + ", ".join(unknown[:8]))
+        if not a.in_vocabulary:
+            notes.append("the answer is free text outside the world's answer list")
+        label = dict(a.alternatives)
+        label.setdefault(a.answer, a.confidence)
+        details = (f"**{a.answer}** with probability **{a.confidence:.1%}** · question read as: `{a.question}`  \n"
+                   f"answered in **{(t3 - t0) * 1000:.0f} ms** (preprocessing {(t1 - t0) * 1000:.0f} ms, answer "
+                   f"{(t2 - t1) * 1000:.0f} ms, heat map {(t3 - t2) * 1000:.0f} ms) by {model_name}"
+                   + ("  \n" + "; ".join(notes) if notes else ""))
+        seen = pre.image.resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST)
+        return a.answer, label, _overlay(pre.image, heat), seen, details
+
+    def answer(image, question, model=default_model, heatmap="gradcam"):
+        """Answer ``question`` about ``image`` (a file path or URL). Returns the answer text first, then the
+        confidence and alternatives, the heat map, the image the model saw, and details (timing, notes)."""
+        return run(image, question, model, heatmap)
+
+    def answer_drawing(sketch, question, model=default_model, heatmap="gradcam"):
+        comp = sketch.get("composite") if isinstance(sketch, dict) else None
+        if comp is None or comp.getbbox() is None or (comp.mode == "RGBA" and comp.getchannel("A").getbbox() is None):
+            raise gr.Error("The sketch pad is empty: draw some shapes with the coloured brushes first.",
+                           print_exception=False)
+        return run(comp, question, model, heatmap)
+
+    def new_scene():
+        seed = random.choice(test_seeds)
+        return _world_example(seed, folder)
+
+    # The page opens on a world scene, already answered: every output is visible before the first click.
+    first = run(*examples[0], default_model, "gradcam")
+
+    with gr.Blocks(title="mmkit · VQA with M6") as demo:
+        gr.Markdown("## Ask a picture a question — generative VQA with M6 (M6 §4.2)\n"
+                    "Shapes (circle, square, triangle) in six colours on a light background, up to 9 per picture. "
+                    "Ask in English or 中文 about colour, shape, size, count, existence, position or relations.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                with gr.Tabs():
+                    with gr.Tab("Picture"):
+                        image = gr.Image(examples[0][0], type="filepath", sources=["upload", "clipboard"], label="Picture",
+                                         height=300)
+                        _pass_path_through(image)
+                        with gr.Row():
+                            random_btn = gr.Button("New random scene")
+                            ask_btn = gr.Button("Ask", variant="primary")
+                    with gr.Tab("Draw"):
+                        sketch = gr.Sketchpad(type="pil", label="Draw shapes (white canvas)", canvas_size=(384, 384),
+                                              brush=gr.Brush(colors=BRUSH_COLOURS, default_color=BRUSH_COLOURS[0],
+                                                             default_size=8, color_mode="defaults"), height=420)
+                        draw_btn = gr.Button("Ask about the drawing", variant="primary")
+                question = gr.Textbox(label="Question (English or 中文)", value=examples[0][1],
+                                      max_lines=2)
+                with gr.Row():
+                    model = gr.Dropdown(list(models), value=default_model, label="Model")
+                    method = gr.Radio(["gradcam", "saliency"], value="gradcam", label="Heat map")
+                gr.Examples([[q] for q, _ in EXAMPLE_QUESTIONS], inputs=[question],
+                            label="Example questions (every type)")
+                gr.Examples(examples, inputs=[image, question], label="Shapes World scenes (held-out test split)")
+            with gr.Column(scale=1):
+                answer_box = gr.Textbox(first[0], label="Answer", interactive=False)
+                confidence = gr.Label(first[1], label="Confidence and top alternatives", num_top_classes=5)
+                with gr.Row():
+                    heat = gr.Image(first[2], label="Where the answer came from", type="pil", height=260, interactive=False)
+                    seen = gr.Image(first[3], label="What the model saw (32x32)", type="pil", height=260, interactive=False)
+                details = gr.Markdown(first[4])
+        outputs = [answer_box, confidence, heat, seen, details]
+        ask_btn.click(answer, [image, question, model, method], outputs, api_name="answer")
+        question.submit(answer, [image, question, model, method], outputs, api_visibility="private")
+        draw_btn.click(answer_drawing, [sketch, question, model, method], outputs, api_name="answer_drawing")
+        random_btn.click(new_scene, None, [image, question], api_name="new_scene")
+    return demo
+
+
+def main(argv=None) -> None:
+    import torch
+
+    args = parse_args("Generative VQA with M6 (M6 §4.2): ask a picture a question.", 7862, argv)
+    torch.set_num_threads(2)
+    demo = build_demo()
+    launch(demo, args)
+
+
+if __name__ == "__main__":
+    main()
