@@ -211,3 +211,16 @@ def test_finetuned_poems_obey_every_rule_and_name_true_objects(tok):
         # a random object line is true with p < 0.05 (6 colours x 3 shapes x 9 cells, <= 3 objects); measured
         # after 60 steps: greedy 0.93, beam 0.95, sampling 0.83
         assert ev.fact_precision >= 0.5, (method, ev.poems)
+
+
+def test_bad_inputs_name_the_fix(itm, tok, test_data):
+    from mmkit.models.m6_downstream import decode_captions, text_qa
+
+    with pytest.raises(ValueError, match="use one of"):
+        decode_captions(itm, test_data.images([0]), tok, method="nucleus")
+    with pytest.raises(ValueError, match="use one of"):
+        text_qa(test_data.scenes[0], "why")
+    with pytest.raises(TypeError, match="float tensor"):
+        itm_scores(itm, test_data.images_u8[:1], ["a red circle"], tok)
+    with pytest.raises(TypeError, match="list of str"):
+        itm_scores(itm, test_data.images([0]), [3], tok)

@@ -4,6 +4,23 @@
     p = itm_scores(model, images, ["a red circle at the top", "一个蓝色正方形"], tok)   # (B,) match probability
     ev = evaluate_itm(model, tok, split="test", n=256)           # ITMEval(accuracy, per_kind, ranking, ...)
 
+    m6 = mmkit.hub.load("m6-tiny-pretrained")
+    caps = decode_captions(m6, images, tok, "beam", langs=["en"] * B)   # M6 §4.3: image in, no prompt
+    caption_scores(caps, scenes, langs)                          # CaptionScores(bleu4, cider, attr_acc, ...)
+    evaluate_captioning(m6, tok, "test", n=128)                  # greedy / beam / sample side by side
+
+    qas, data = qa_data("train", 2000, start=50_000)             # M6 §4.4: "{description} {question}? answer:"
+    finetune_text(m6, data, TrainConfig(steps=150, batch_size=32, lr=2e-3))
+    evaluate_text_qa(m6, tok)                                    # QAEval(exact, facts, bleu4, answers)
+
+    _, poems = poem_data("train", 2000, start=50_000)            # M6 §4.5: caption as title -> world poem
+    finetune_text(m6, poems, TrainConfig(steps=60, batch_size=32, lr=2e-3))
+    evaluate_poems(m6, tok, method="sample")                     # PoemEval(rule_ok, fact_precision, ...)
+
+Decoding everywhere goes through transformers' ``generate()`` (:func:`hf_generate`: "greedy", "beam", "sample" =
+top-k / top-p) via :class:`mmkit.generation.HFGenerationAdapter`. Generative VQA (M6 §4.2) is
+:mod:`mmkit.models.m6_vqa`.
+
 Image-text matching (M6 §4.6). The paper builds E-Commerce ITM from (product image, query) pairs and makes
 "negative samples ... by randomly substituting the query in the original pairs"; the model "perform[s] binary
 classification to discriminate positive and negative samples". Here the query is a world caption, and the
@@ -15,14 +32,13 @@ The head (the paper does not say where it reads). M6 §3.3 makes every task "...
 read as in image captioning: the image in the visual block, ``[BOS] caption [EOS]`` in the decoder block. A small
 pooler + linear layer reads the final state of the closing [EOS] (which has attended to the image and the whole
 caption) plus the min and mean log-probability M6 gives the caption's tokens (measured: zero-shot, that
-likelihood alone puts the true caption above its substituted twin 97-100% of the time; a threshold on it does
-not transfer across styles and lengths, which the head learns). ``M6ForImageTextMatching`` is an
+likelihood alone puts the true caption above its substituted twin 97-100% of the time on 128 test scenes per
+kind; the head turns it, with the [EOS] state, into a probability). ``M6ForImageTextMatching`` is an
 :class:`M6Model` plus that head, so the fine-tuned model still captions and generates.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +58,11 @@ __all__ = [
     "M6ITMConfig", "M6ForImageTextMatching", "MatchOutput", "ITMData", "itm_loss", "itm_scores", "ITMEval", "evaluate_itm",
     "ITM_TRAIN", "ITM_TRAIN_FAST", "finetune_itm", "ITMRun", "tokenize_batch", "eval_pairs",
     "itm_model_from_pretrained",
+    "DECODING", "caption_references", "metric_tokens", "CaptionScores", "caption_scores", "FirstTokenLanguage",
+    "hf_generate", "decode_captions", "CaptionEval", "evaluate_captioning",
+    "QA_PROMPT", "QA_KINDS", "TextQA", "text_qa", "seq2seq_example", "Seq2SeqData", "seq2seq_loss", "qa_data",
+    "answer_facts", "QAEval", "evaluate_text_qa", "finetune_text",
+    "POEM_PROMPT", "poem_data", "poem_facts", "PoemEval", "evaluate_poems",
 ]
 
 
