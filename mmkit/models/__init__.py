@@ -6,3 +6,4 @@ from mmkit.models import m6_pretrain  # noqa: E402,F401  (M6 §3.3 multitask pre
 from mmkit.models import m6_downstream  # noqa: E402,F401  (M6 §4.3-4.6 downstream; registers "m6_itm" and the "m6-tiny-itm" recipe)
 from mmkit.models import m6_vqa  # noqa: E402,F401  (M6 §4.2 generative VQA; registers the "m6-tiny-vqa" recipe and VQA models)
 from mmkit.models import m6_moe  # noqa: E402,F401  (M6 §3.4 M6-MoE; registers "m6_moe", the m6-tiny-moe / m6-100b presets, ffn_type "moe")
+from mmkit.models import m6_t2i  # noqa: E402,F401  (M6 §4.1 text-to-image code LM; registers "m6-t2i" and the "m6-tiny-t2i" recipe)

@@ -1,0 +1,81 @@
+"""Text-to-image speed (M6 §4.1): seconds per image with and without the KV cache, and the VQGAN's images/s.
+
+    mmkit bench t2i                                   # 2 threads, 8 prompts x 1 sample, median of 3
+    mmkit bench t2i --threads 1 --batch 1 8 --repeats 5
+
+One image = 64 codes sampled by the code LM (top-k 32) + one VQGAN decode. With the KV cache each new code runs
+only itself through the stack (M6Model.generate); without it the whole [prompt | codes so far] sequence is
+recomputed at every step, so the cost grows with the square of the 64 steps. Both are timed in alternation at
+each batch size (median of ``--repeats``) so background load hits both alike; the ratio is what to read. The
+shipped checkpoints are used when present (speed does not depend on the weights). The VQGAN's encode / decode
+throughput is measured by ``mmkit bench vqgan`` (called at the end). No asserts: a benchmark only measures.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmkit bench t2i", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="images generated per call (default: 8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per (mode, batch); median reported")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the issue's 2 cores)")
+    p.add_argument("--no-vqgan", action="store_true", help="skip the VQGAN encode / decode part")
+    return p
+
+
+def _models():
+    from mmkit.config import build_model, load_config
+    from mmkit.hub import find_checkpoint, load
+
+    if find_checkpoint("m6-tiny-t2i") and find_checkpoint("vqgan-world"):
+        return load("m6-tiny-t2i"), load("vqgan-world"), load("tokenizer-world"), "shipped checkpoints"
+    torch.manual_seed(0)
+    return (build_model(load_config("m6-tiny-t2i")).eval(), build_model(load_config("vqgan-world-tiny")).eval(),
+            load("tokenizer-world"), "random weights (checkpoints not found)")
+
+
+def run(argv: list[str] | None = None) -> list[dict]:
+    from mmkit.models.m6_t2i import SamplingConfig, text_to_image
+
+    args = build_parser().parse_args(argv or [])
+    torch.set_num_threads(args.threads)
+    model, vqgan, tok, source = _models()
+    print(f"text-to-image: m6-tiny-t2i ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M) + vqgan-world, "
+          f"{source}, {torch.get_num_threads()} threads")
+    print(f"{'batch':>6} {'s/image cache':>14} {'s/image no cache':>17} {'no-cache / cache':>17}")
+    prompts = ["a small red circle at the top left", "一个大的蓝色正方形位于中间"]
+    rows = []
+    for bs in args.batch:
+        batch = [prompts[i % 2] for i in range(bs)]
+        modes = {m: SamplingConfig(n_samples=1, top_k=32, seed=0, use_cache=m == "cache") for m in ("cache", "no_cache")}
+        for s in modes.values():                                        # warm-up
+            text_to_image(model, vqgan, tok, batch[:1], s)
+        times = {m: [] for m in modes}
+        for _ in range(max(1, args.repeats)):
+            for m, s in modes.items():                                  # alternate: same background load
+                t0 = time.perf_counter()
+                text_to_image(model, vqgan, tok, batch, s)
+                times[m].append(time.perf_counter() - t0)
+        per = {m: statistics.median(v) / bs for m, v in times.items()}
+        row = {"batch": bs, "s_per_image_cache": per["cache"], "s_per_image_no_cache": per["no_cache"],
+               "ratio": per["no_cache"] / per["cache"]}
+        rows.append(row)
+        print(f"{bs:>6} {per['cache']:>14.3f} {per['no_cache']:>17.3f} {row['ratio']:>16.2f}x")
+    if not args.no_vqgan:
+        from mmkit.bench import vqgan as vqgan_bench
+
+        print()
+        vqgan_bench.run(["--batch-sizes", "1", "32", "--threads", str(args.threads), "--repeats", str(args.repeats)])
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    run(sys.argv[1:])
