@@ -55,7 +55,8 @@ from mmkit.recipes import recipe
 
 __all__ = [
     "NEGATIVE_KINDS", "KIND_STYLES", "ITM_STYLES", "Negative", "substitute_caption", "ITMPair", "itm_pairs",
-    "M6ITMConfig", "M6ForImageTextMatching", "MatchOutput", "ITMData", "itm_loss", "itm_scores", "ITMEval", "evaluate_itm",
+    "M6ITMConfig", "M6ForImageTextMatching", "MatchOutput", "CaptionLikelihood", "caption_likelihood",
+    "zero_shot_itm_ranking", "ITMData", "itm_loss", "itm_scores", "ITMEval", "evaluate_itm",
     "ITM_TRAIN", "ITM_TRAIN_FAST", "finetune_itm", "ITMRun", "tokenize_batch", "eval_pairs",
     "itm_model_from_pretrained",
     "DECODING", "caption_references", "metric_tokens", "CaptionScores", "caption_scores", "FirstTokenLanguage",
@@ -197,6 +198,38 @@ class MatchOutput(NamedTuple):
     state: torch.Tensor               # (B, D) final state of the closing [EOS] input
 
 
+class CaptionLikelihood(NamedTuple):
+    token_logprobs: torch.Tensor      # (B, W + 1) log p(token | image, earlier tokens), [EOS] last; 0 at pads
+    worst: torch.Tensor               # (B,) the least likely token's log-probability
+    mean: torch.Tensor                # (B,) mean log-probability per token ([EOS] included)
+    state: torch.Tensor               # (B, D) final state of the closing [EOS] input
+
+
+def caption_likelihood(model, images: torch.Tensor, caption_ids: torch.Tensor) -> CaptionLikelihood:
+    """How likely any M6 finds each caption given its image: M6 §3.3 image-to-text, teacher-forced.
+
+    Decoder input ``[BOS] c_1 .. c_L [EOS]``, targets ``c_1 .. c_L [EOS]``; caption_ids (B, W) right-padded with
+    [PAD]. Zero-shot (the pretrained model), ``mean`` already ranks a caption above its substituted twin.
+    """
+    c = model.config
+    B, W = caption_ids.shape
+    dev = caption_ids.device
+    lengths = (caption_ids != c.pad_token_id).sum(1)                              # (B,)
+    rows = torch.arange(B, device=dev)
+    dec = torch.full((B, W + 2), c.pad_token_id, dtype=torch.long, device=dev)    # [BOS] c_1 .. c_L [EOS] [PAD]..
+    dec[:, 0] = c.bos_token_id
+    dec[:, 1:W + 1] = caption_ids
+    dec[rows, lengths + 1] = c.eos_token_id
+    target = dec[:, 1:W + 2]                                                       # (B, W + 1)
+    out = model.forward(images, None, dec)                                         # logits (B, W + 2, V)
+    logp = out.logits[:, :W + 1].float().log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)
+    valid = target != c.pad_token_id                                               # (B, W + 1): tokens + [EOS]
+    logp = logp * valid
+    state = out.hidden_states[:, -dec.shape[1]:][rows, lengths + 1]               # (B, D): the [EOS] input
+    return CaptionLikelihood(logp, logp.masked_fill(~valid, 0.0).min(1).values,
+                             logp.sum(1) / valid.sum(1).clamp(min=1), state)
+
+
 class M6ForImageTextMatching(M6Model):
     """M6 with a binary match head (M6 §4.6). ``match(images, caption_ids) -> MatchOutput``.
 
@@ -220,30 +253,12 @@ class M6ForImageTextMatching(M6Model):
 
     def match(self, images: torch.Tensor, caption_ids: torch.Tensor) -> MatchOutput:
         """images (B, C, H, W) in [0, 1], caption_ids (B, W) plain ids, right-padded with [PAD] -> MatchOutput."""
-        c = self.config
-        B, W = caption_ids.shape
-        dev = caption_ids.device
-        lengths = (caption_ids != c.pad_token_id).sum(1)                          # (B,)
-        rows = torch.arange(B, device=dev)
-        # decoder input [BOS] c_1 .. c_L [EOS] [PAD].., targets c_1 .. c_L [EOS] (M6 §3.3 image-to-text)
-        dec = torch.full((B, W + 2), c.pad_token_id, dtype=torch.long, device=dev)
-        dec[:, 0] = c.bos_token_id
-        dec[:, 1:W + 1] = caption_ids
-        dec[rows, lengths + 1] = c.eos_token_id
-        target = dec[:, 1:W + 2]                                                   # (B, W + 1)
-        out = self.forward(images, None, dec)                                      # logits (B, W + 2, V)
-        logp = out.logits[:, :W + 1].float().log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)
-        valid = target != c.pad_token_id                                           # (B, W + 1): tokens + [EOS]
-        logp = logp * valid
-        Wd = dec.shape[1]
-        state = out.hidden_states[:, -Wd:][rows, lengths + 1]                     # (B, D): the [EOS] input
-        feats = [state]
-        if c.itm_likelihood:
-            worst = logp.masked_fill(~valid, 0.0).min(1).values                   # (B,) the least likely token
-            mean = logp.sum(1) / valid.sum(1).clamp(min=1)                        # (B,)
-            feats += [worst[:, None] * 0.1, mean[:, None]]                        # ~unit scale
-        logits = self.itm_head(torch.cat(feats, dim=-1).to(state.dtype)).squeeze(-1)   # (B,)
-        return MatchOutput(logits, logp, state)
+        r = caption_likelihood(self, images, caption_ids)
+        feats = [r.state]
+        if self.config.itm_likelihood:
+            feats += [r.worst[:, None] * 0.1, r.mean[:, None]]                    # ~unit scale
+        logits = self.itm_head(torch.cat(feats, dim=-1).to(r.state.dtype)).squeeze(-1)   # (B,)
+        return MatchOutput(logits, r.token_logprobs, r.state)
 
     def match_logits(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         """(B,) match logits (see :meth:`match`)."""
@@ -428,6 +443,30 @@ def evaluate_itm(model, tokenizer=None, split: str = "test", n: int = 256, seed:
     pos_acc = float((scores[pos_idx] > 0.5).float().mean())
     return ITMEval(sum(per_kind.values()) / len(per_kind), per_kind, ranking, pos_acc, min(n, len(data)),
                    list(zip(pairs, scores.tolist())))
+
+
+@torch.no_grad()
+def zero_shot_itm_ranking(model, tokenizer=None, data: ITMData | None = None, n: int = 128, seed: int = 0) -> dict:
+    """M6 without an ITM head: {kind: fraction of twins whose true caption has the higher mean token
+    log-likelihood under the image} (:func:`caption_likelihood`; same twins as :func:`evaluate_itm`)."""
+    tok = tokenizer if tokenizer is not None else _world_tokenizer()
+    data = data if data is not None else ITMData.build("test", n, image_size=model.config.image_size)
+    pairs = eval_pairs(data, n, seed)
+    c = model.config
+    was_training = model.training
+    model.eval()
+    try:
+        mean = torch.cat([caption_likelihood(model, data.images([p.index for p in pairs[i:i + 256]]),
+                                             tokenize_batch(tok, [p.text for p in pairs[i:i + 256]],
+                                                            c.max_text_len - 2, c.pad_token_id)).mean
+                          for i in range(0, len(pairs), 256)])
+    finally:
+        model.train(was_training)
+    out = {}
+    for kind in data.kinds:
+        idx = [k for k, p in enumerate(pairs) if p.kind == kind]
+        out[kind] = float((mean[idx[0::2]] > mean[idx[1::2]]).float().mean())
+    return out
 
 
 # -- fine-tuning and the recipe ------------------------------------------------------------------------
