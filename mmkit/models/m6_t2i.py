@@ -301,7 +301,7 @@ def code_loss(model: M6T2I, data: T2IData, n: int | None = None, batch_size: int
 class SamplingConfig:
     n_samples: int = 4             # images drawn per prompt (then reranked)
     top_k: int | None = 8          # keep the k most likely codes at each step (M6 §4.1's top-k); None = all.
-                                   # Measured on 96 held-out prompts x 4 samples (shipped model): all attributes
+                                   # Measured on 96 held-out prompts x 4 samples (800-step model): all attributes
                                    # right 0.25 at k=8 vs 0.20 at k=32 (T=1); greedy (k=1) 0.28 but no variety
     top_p: float | None = None     # nucleus: smallest set of codes with probability >= top_p; None = off
     temperature: float = 1.0       # softmax(logits / T): < 1 sharper and safer, > 1 more varied
@@ -474,7 +474,7 @@ def evaluate_t2i(model: M6T2I, vqgan, tokenizer, prompts: EvalPrompts, sampling:
 
 # Tuned on the shared 2 cores (single-thread CPU-seconds): see the recipe's metrics in
 # mmkit/checkpoints/m6-tiny-t2i/recipe.json for the measured result of these settings.
-RECIPE_TRAIN = dict(steps=800, batch_size=32, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, weight_decay=0.01,
+RECIPE_TRAIN = dict(steps=1600, batch_size=32, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, weight_decay=0.01,
                     mixed_precision="no", eval_every=0, log_every=50, seed=0)
 RECIPE_TRAIN_FAST = dict(RECIPE_TRAIN, steps=100, batch_size=16, warmup_steps=15)
 
