@@ -128,8 +128,9 @@ class VQAConfig:
     image_size: int = 32             # the model's image size (m6-tiny: 32)
     min_objects: int = 1             # objects per scene, as in pretraining
     max_objects: int = 3
-    image_lr_scale: float = 0.5      # LR multiplier of the image side (CNN, patch projection, 2-D positions):
-                                     # pretraining froze it (0); the augmented views need it to adapt
+    image_lr_scale: float = 0.1      # LR multiplier of the image side (CNN, patch projection, 2-D positions):
+                                     # pretraining froze it (0); the augmented views need it to adapt a little
+                                     # (x0.5 unlearned colours: 0.618 vs 0.650 test accuracy, see VQA_TRAIN)
     max_prompt_tokens: int = 48      # longer prompts are cut (the world's longest question is ~25 tokens)
     seed: int = 0                    # seeds the augmented views
 
@@ -529,8 +530,14 @@ def zero_shot_answers(model=None, n: int = 8, split: str = "test", seed: int = 0
 # Fine-tuning and the recipe
 # ---------------------------------------------------------------------------------------------------------
 
-# Tuned on 2 shared CPU cores; the measured numbers are in mmkit/checkpoints/m6-tiny-vqa/recipe.json.
-VQA_TRAIN = dict(steps=2400, batch_size=64, lr=2e-3, warmup_steps=60, min_lr_ratio=0.05, weight_decay=0.01,
+# Tried on 2 shared CPU cores (held-out test accuracy of generated answers, 400 scenes, 7 types, EN + ZH):
+#   800 steps, LR 2e-3, image side x0.5: 0.656 | 1500 steps, 3e-3, x0.5: 0.618 | 1500 steps, 3e-3, x0.1: 0.650
+#   (shipped; the only one whose existence questions leave chance, 0.61) | frozen image side (x0), 600 steps: the
+#   teacher-forced answer accuracy sat at 0.53-0.61 like the others. Every run plateaus near 0.65 after ~300 steps:
+#   the tiny model learns colour / size / count / position well above chance but binds a question's words to the
+#   right object only partly (existence and relation questions stay near chance), as its captions do (pretraining
+#   attribute accuracy 0.79). More steps at this batch did not help; see the report in the commit history.
+VQA_TRAIN = dict(steps=1500, batch_size=64, lr=3e-3, warmup_steps=60, min_lr_ratio=0.05, weight_decay=0.01,
                  mixed_precision="no", eval_every=0, log_every=25, seed=0)
 VQA_TRAIN_FAST = dict(VQA_TRAIN, steps=150, warmup_steps=20)
 
