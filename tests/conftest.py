@@ -13,3 +13,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The shipped world tokenizer (mmkit/checkpoints/tokenizer-world): what every model and notebook uses.
+
+    Test files that need a freshly trained tokenizer define their own ``tok`` fixture, which overrides this one.
+    """
+    from mmkit.tokenizer import load_tokenizer
+    return load_tokenizer("world")
+
+
+@pytest.fixture(scope="session")
+def sp(tok):
+    """Special-token ids of the world tokenizer, as the masking functions take them."""
+    from mmkit.masking import SpecialIds
+    return SpecialIds.from_tokenizer(tok)

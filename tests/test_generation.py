@@ -15,17 +15,13 @@ from mmkit.generation import (RULE_EVEN_LINES, RULE_FORMAT, RULE_LINE_LENGTH, RU
                               RULE_SAME_LENGTH, HFGenerationAdapter, PoemFormatProcessor, PoemState, check_poem,
                               generation_speed, is_cjk_char, poem_lines)
 from mmkit.models.m6 import M6Model
-from mmkit.tokenizer import decode, load_tokenizer
+from mmkit.tokenizer import decode
 
 BOS, EOS, PAD = 5, 6, 0
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # decoding tiny models: 10x faster on busy cores
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("world")
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,10 @@ from mmkit.config import config_to_dict, replace_config
 from mmkit.data.world import make_scene, scene_to_tensor
 from mmkit.models.m6 import FFN_FACTORIES, M6Config, M6Model, register_ffn
 from mmkit.params import count_parameters
-from mmkit.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("world")
-
-
-@pytest.fixture(scope="module")
-def sp(tok):
-    return M.SpecialIds.from_tokenizer(tok)
 
 
 def _model(seed: int = 0, **overrides) -> M6Model:

@@ -12,15 +12,10 @@ from mmkit import hub
 from mmkit.data.world import sample_scene, split_seeds
 from mmkit.models.m6_downstream import (KIND_STYLES, NEGATIVE_KINDS, ITMData, evaluate_itm, finetune_itm,
                                         itm_model_from_pretrained, itm_pairs, itm_scores, substitute_caption)
-from mmkit.tokenizer import load_tokenizer
 from mmkit.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")       # tiny model: one thread is faster and steadier (conftest)
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("world")
 
 
 @pytest.fixture(scope="module")

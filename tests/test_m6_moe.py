@@ -18,20 +18,11 @@ from mmkit.models.m6_moe import (M6MoEConfig, RoutingMonitor, capacity_factor, e
                                  moe_layers, route_table)
 from mmkit.moe import MoEFeedForward, load_balancing_loss, router_z_loss
 from mmkit.params import count_parameters
-from mmkit.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("world")
-
-
-@pytest.fixture(scope="module")
-def sp(tok):
-    return M.SpecialIds.from_tokenizer(tok)
 
 
 def _model(seed=0, **overrides):

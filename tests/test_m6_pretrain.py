@@ -16,15 +16,10 @@ from mmkit.models.m6_pretrain import (IMAGE_TASKS, TASKS, TEXT_TASKS, PretrainCo
                                       PretrainEvaluator, attribute_scores, caption_mentions, object_labels, pretrain,
                                       pretrain_loss, task_counts, task_losses, task_order,
                                       word_categories)
-from mmkit.tokenizer import load_tokenizer
 from mmkit.train import TrainConfig, slice_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")       # tiny model: one thread is faster and steadier (conftest)
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("world")
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,6 @@ from mmkit.tokenizer import (SPECIAL_TOKENS, add_coordinate_tokens, add_image_co
 from mmkit import hub
 
 
-@pytest.fixture(scope="module")
-def tok():
-    # The shipped tokenizer (mmkit/checkpoints/tokenizer-world): what every model and notebook uses.
-    return load_tokenizer("world")
-
 
 def _val_texts(n=40):
     out = []
