@@ -67,16 +67,20 @@ else
   echo "==> $VENV is up to date"
 fi
 
-# The app tests look at each Gradio page in headless Chromium (Debian's `chromium` package).
-if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+# The app tests look at each Gradio page in headless Chromium (Debian's `chromium` package); a CJK font
+# (fonts-wqy-zenhei, ~10 MB) lets the screenshots show the apps' Chinese labels instead of empty boxes.
+apt_pkgs=()
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || apt_pkgs+=(chromium)
+{ command -v fc-list >/dev/null 2>&1 && fc-list :lang=zh | grep -q .; } || apt_pkgs+=(fonts-wqy-zenhei)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "==> installing chromium (apt) for the app page tests"
+    echo "==> installing ${apt_pkgs[*]} (apt) for the app page tests"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
-      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+    apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null; }
   else
-    echo "setup.sh: chromium is missing; the app page tests need it. Install it as root:" >&2
-    echo "          apt-get install -y chromium     (or your system's chromium package)" >&2
+    echo "setup.sh: ${apt_pkgs[*]} missing; the app page tests need them. Install as root:" >&2
+    echo "          apt-get install -y ${apt_pkgs[*]}" >&2
   fi
 fi
 
