@@ -662,8 +662,8 @@ def _load_with_placeholders(path: Path, first_error: Exception) -> tuple[Any, li
         if bad:
             raise pickle.UnpicklingError(
                 f"{path}: refusing to load: the file's pickle refers to {bad}, which a weights file never needs (it "
-                "may be malicious). Nothing from it was run. If you trust the file, extract its tensors elsewhere: "
-                "sd = torch.load(path, weights_only=False)['state_dict']; torch.save(sd, 'clean.ckpt')") from error
+                "may be malicious). Nothing from it was run. If you trust the file, re-save only its 'state_dict' "
+                "tensors with the code that wrote it (in a sandbox), and load that file instead") from error
         with torch.serialization.safe_globals([(_opaque(n), n) for n in sorted(names)]):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True), sorted(names)
