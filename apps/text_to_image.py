@@ -7,10 +7,11 @@
     gallery, status = Client("http://127.0.0.1:7860/").predict("a small red circle at the top left",
                                                                api_name="/generate")
 
-Loads the shipped checkpoints (mmkit/checkpoints: tokenizer-world, vqgan-world, m6-tiny-t2i and, for reranking,
-m6-tiny-itm) through mmkit.hub: nothing is trained on start. Images are 32 px, shown 4x larger (nearest
-neighbour, so every generated pixel stays visible). Each image's caption gives its rank, its image-text
-matching score and what a pixel check (mmkit.faithfulness) reads in it.
+The generator comes from the one registry (:func:`mmkit.zoo.t2i_models`; M6 registers its code LM in
+``mmkit/m6/apps.py``), loaded from the shipped checkpoints (vqgan-world, m6-tiny-t2i and, for reranking,
+m6-tiny-itm): nothing is trained on start. Images are shown 4x larger (nearest neighbour, so every generated
+pixel stays visible). Each image's caption gives its rank, its image-text matching score and what a pixel check
+(mmkit.evaluation.faithfulness) reads in it.
 """
 from __future__ import annotations
 
@@ -42,18 +43,19 @@ class T2IApp:
     """The loaded models and the generate() generator behind the page and the API."""
 
     def __init__(self):
-        import mmkit.hub
-        from mmkit.hub import find_checkpoint
+        from mmkit.tokenizer import world_tokenizer
+        from mmkit.zoo import t2i_models
 
-        self.tok = mmkit.hub.load("tokenizer-world")
-        self.vqgan = mmkit.hub.load("vqgan-world")
-        self.model = mmkit.hub.load("m6-tiny-t2i")
-        self.itm = None
-        if find_checkpoint("m6-tiny-itm") is not None:          # never train a checkpoint while a user waits
-            self.itm = mmkit.hub.load("m6-tiny-itm")
+        entries = t2i_models()
+        if not entries:
+            raise SystemExit("no text-to-image checkpoint is available; run `mmkit train m6-tiny-t2i` first")
+        self.entry = entries[0]
+        self.loaded = self.entry.model()               # load now: the first user does not wait for it
+        self.tok = world_tokenizer()
+        self.can_rerank = self.entry.can_score(self.loaded)
 
     def check_prompt(self, prompt: str | None) -> tuple[str, list[str]]:
-        from mmkit.faithfulness import parse_prompt
+        from mmkit.evaluation.faithfulness import parse_prompt
 
         try:
             clean = _common.clean_text(prompt, field="prompt", max_chars=300, example=EXAMPLE)
@@ -73,29 +75,29 @@ class T2IApp:
     def generate(self, prompt: str, top_k: float = 8, temperature: float = 1.0, n_samples: float = 4,
                  seed: float = 0, rerank: bool = True):
         """Yield (gallery, status) after every sample, then the reranked gallery."""
-        from mmkit.faithfulness import faithfulness
-        from mmkit.models.m6_t2i import SamplingConfig, iter_samples, itm_scorer
+        from mmkit.evaluation.faithfulness import faithfulness
 
         text, notes = self.check_prompt(prompt)
         try:
-            sampling = SamplingConfig(n_samples=int(min(MAX_SAMPLES, max(1, n_samples))),
-                                      top_k=int(top_k) if top_k and int(top_k) > 0 else None,
-                                      temperature=max(0.05, float(temperature)), seed=int(seed))
+            n = int(min(MAX_SAMPLES, max(1, n_samples)))
+            kw = dict(n_samples=n, top_k=int(top_k) if top_k and int(top_k) > 0 else None,
+                      temperature=max(0.05, float(temperature)), seed=int(seed))
+            samples = self.entry.samples(self.loaded, text, **kw)
         except (TypeError, ValueError) as e:
             raise gr.Error(f"Bad sampling setting: {e}") from None
         t0 = time.perf_counter()
         images, gallery = [], []
         note = (" (" + "; ".join(notes) + ")") if notes else ""
-        for k, _, img in iter_samples(self.model, self.vqgan, self.tok, [text], sampling):
-            images.append(img[0])
-            check = faithfulness(img[0], text)
-            gallery.append((_display(img[0]), f"sample {k + 1}: {_verdict(check)}"))
-            yield gallery, f"Drawing sample {k + 1} of {sampling.n_samples}{note} ..."
+        for k, img in enumerate(samples):
+            images.append(img)
+            check = faithfulness(img, text)
+            gallery.append((_display(img), f"sample {k + 1}: {_verdict(check)}"))
+            yield gallery, f"Drawing sample {k + 1} of {n}{note} ..."
         secs = time.perf_counter() - t0
         status = f"{len(images)} samples in {secs:.1f} s ({secs / len(images):.2f} s per image){note}."
-        if rerank and self.itm is not None:
-            stack = torch.stack(images)                                                  # (N, 3, 32, 32)
-            scores = itm_scorer(self.itm, self.tok)(stack, [text] * len(images))
+        if rerank and self.can_rerank:
+            stack = torch.stack(images)                                                  # (N, 3, S, S)
+            scores = self.entry.score(self.loaded, stack, text)
             order = scores.argsort(descending=True, stable=True).tolist()
             gallery = [(gallery[i][0], f"#{r + 1} ITM {float(scores[i]):.2f} · {gallery[i][1]}")
                        for r, i in enumerate(order)]
@@ -137,7 +139,7 @@ def build_demo(app: T2IApp) -> gr.Blocks:
                     n_samples = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="samples")
                     seed = gr.Number(value=0, precision=0, label="seed")
                 rerank = gr.Checkbox(value=True, label="rerank with image-text matching",
-                                     interactive=app.itm is not None)
+                                     interactive=app.can_rerank)
                 button = gr.Button("Generate", variant="primary")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Samples", columns=4, height="auto", object_fit="contain")
@@ -152,7 +154,7 @@ def main(argv=None) -> None:
     args = _common.parse_args("mmkit text-to-image (M6 §4.1)", 7860, argv)
     t0 = time.perf_counter()
     app = T2IApp()
-    print(f"models loaded in {time.perf_counter() - t0:.1f} s (rerank: {'on' if app.itm else 'unavailable'})",
+    print(f"models loaded in {time.perf_counter() - t0:.1f} s (rerank: {'on' if app.can_rerank else 'unavailable'})",
           flush=True)
     _common.launch(build_demo(app), args)
 

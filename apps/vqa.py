@@ -10,8 +10,8 @@ answer first::
     from gradio_client import Client, handle_file
     Client("http://127.0.0.1:7862/").predict(handle_file("scene.png"), "what color is the circle?", api_name="/answer")
 
-Models come from :mod:`mmkit.vqa_models` (a model registers itself there in a few lines); checkpoints load
-through :mod:`mmkit.hub` (shipped in the repository, no training at start-up).
+Models come from the one registry (:func:`mmkit.zoo.vqa_models`: every system registers its VQA models in its
+``apps.py``); checkpoints load through :mod:`mmkit.hub` (shipped in the repository, no training at start-up).
 """
 from __future__ import annotations
 
@@ -81,15 +81,15 @@ def build_demo():
     from PIL import Image
 
     from mmkit.data.preprocess import ImageInputError, preprocess_image
-    from mmkit.tokenizer import load_tokenizer
-    from mmkit.vqa_models import vqa_models
+    from mmkit.tokenizer import world_tokenizer
+    from mmkit.zoo import vqa_models
 
     models = {e.name: e for e in vqa_models()}
     if not models:
         raise SystemExit("no VQA model checkpoint is available; run `mmkit train m6-tiny-vqa` first")
     default_model = next(iter(models))
     models[default_model].model()                      # load now: the first user does not wait for it
-    tok = load_tokenizer("world")
+    tok = world_tokenizer()
     folder = Path(tempfile.mkdtemp(prefix="mmkit-vqa-"))
     from mmkit.data.world import split_seeds
 

@@ -36,15 +36,15 @@ def _cmd_world(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import mmkit.zoo as zoo
     from mmkit.hub import cache_root
-    from mmkit.recipes import available_recipes, get_recipe, run_recipe
 
     if args.list or not args.recipe:
-        for name in available_recipes():
-            print(f"{name:<28} {get_recipe(name).description}")
+        for name in zoo.recipe_names():
+            print(f"{name:<28} {zoo.get_recipe(name).description}")
         return 0
     out = Path(args.out) if args.out else cache_root() / (f"{args.recipe}@fast" if args.fast else args.recipe)
-    metrics = run_recipe(args.recipe, out, fast=args.fast, overwrite=args.overwrite)
+    metrics = zoo.run_recipe(args.recipe, out, fast=args.fast, overwrite=args.overwrite)
     print(f"wrote {out}")
     for k, v in metrics.items():
         print(f"  {k}: {v}")
@@ -52,8 +52,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from mmkit.config import build_model, load_config
     from mmkit.params import count_parameters, format_counts
+    from mmkit.zoo import build_model, load_config
 
     cfg = load_config(args.config)
     model = build_model(cfg, device="meta")
@@ -62,7 +62,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from mmkit.config import available_configs
+    from mmkit.zoo import available_configs
 
     for name in available_configs():
         print(name)

@@ -1,47 +1,35 @@
-"""One way to get any model: configs as dataclasses, presets by name, YAML files, and `build_model`.
+"""Configs as dataclasses: from presets, YAML files or dicts, back to dicts, and `build_model`.
 
-Every model file in `mmkit/models/` defines a dataclass config (commented defaults, nanoGPT style) and
-registers it with :func:`register_model`. A config can then come from
+Every system's ``model.py`` defines dataclass configs (commented defaults, nanoGPT style) and registers them in
+:mod:`mmkit.registry`. A config can then come from
 
-* a preset name:          ``load_config("m6-tiny")``        (registered in code or ``mmkit/presets/*.yaml``)
+* a preset name:          ``load_config("m6-tiny")``        (a registered preset)
 * a YAML file:            ``load_config("scaled/configs/m6_base.yaml")``
 * a dataclass instance:   passed through unchanged
 
 YAML files carry a ``model_type`` key that names the registered model, plus any fields to override; a
-``base`` key names a preset to start from.
+``base`` key names a preset to start from. These functions see the systems imported so far; ``mmkit.zoo``
+(what ``mmkit.load_config`` / ``mmkit.build_model`` use) imports them all.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import torch
 import yaml
 
-_MODELS: dict[str, tuple[type, Callable[..., Any]]] = {}   # model_type -> (config class, builder)
-_PRESETS: dict[str, Callable[[], Any]] = {}                 # preset name -> config factory
-_PRESET_DIR = Path(__file__).parent / "presets"
+import mmkit.registry as registry
+from mmkit.io import atomic_write_text
 
-
-def register_model(model_type: str, config_cls: type, builder: Callable[..., Any]) -> None:
-    """Make ``build_model`` able to build ``config_cls`` instances (``config.model_type == model_type``)."""
-    _MODELS[model_type] = (config_cls, builder)
-
-
-def register_preset(name: str, factory: Callable[[], Any]) -> None:
-    """Name a config so ``load_config(name)`` returns ``factory()``."""
-    _PRESETS[name] = factory
-
-
-def _ensure_models_imported() -> None:
-    # Importing the models package registers every model and preset (each model file calls register_*).
-    import mmkit.models  # noqa: F401
+__all__ = ["config_from_dict", "replace_config", "load_config", "available_configs", "config_to_dict",
+           "save_config", "build_model"]
 
 
 def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> Any:
     """Build a registered config dataclass from a plain dict (the parsed YAML)."""
-    _ensure_models_imported()
     d = dict(d)
     base = d.pop("base", None)
     if base is not None:
@@ -51,11 +39,13 @@ def config_from_dict(d: dict[str, Any], source: str = "<dict>") -> Any:
             raise ValueError(f"{source}: model_type {model_type!r} differs from its base {base!r} ({cfg.model_type!r})")
         return replace_config(cfg, **d)
     if "model_type" not in d:
-        raise ValueError(f"{source}: a config needs a 'model_type' key (one of {sorted(_MODELS)}) or a 'base' preset")
+        raise ValueError(f"{source}: a config needs a 'model_type' key (one of {registry.model_types()}) or a "
+                         "'base' preset")
     model_type = d.pop("model_type")
-    if model_type not in _MODELS:
-        raise ValueError(f"{source}: unknown model_type {model_type!r}; known: {sorted(_MODELS)}")
-    cls = _MODELS[model_type][0]
+    try:
+        cls = registry.model_entry(model_type)[0]
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     _check_fields(cls, d, source)
     return cls(**_coerce(cls, d))
 
@@ -90,14 +80,11 @@ def load_config(name_or_path: Any) -> Any:
         return name_or_path
     if isinstance(name_or_path, dict):
         return config_from_dict(name_or_path)
-    _ensure_models_imported()
     s = str(name_or_path)
-    if s in _PRESETS:
-        return _PRESETS[s]()
-    preset_file = _PRESET_DIR / f"{s}.yaml"
+    factory = registry.preset(s)
+    if factory is not None:
+        return factory()
     p = Path(s)
-    if not p.exists() and preset_file.exists():
-        p = preset_file
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.exists():
             raise FileNotFoundError(f"config file {p} does not exist; presets are: {available_configs()}")
@@ -106,13 +93,13 @@ def load_config(name_or_path: Any) -> Any:
         if not isinstance(d, dict):
             raise ValueError(f"{p}: expected a mapping of config fields, got {type(d).__name__}")
         return config_from_dict(d, source=str(p))
-    raise ValueError(f"unknown config {s!r}: not a preset and not a file. Presets: {available_configs()}")
+    raise ValueError(f"unknown config {s!r}: not a preset and not a file. Presets: {available_configs()}. If it "
+                     f"belongs to a system that is not imported yet, {registry.missing_hint()}")
 
 
 def available_configs() -> list[str]:
-    _ensure_models_imported()
-    names = set(_PRESETS) | {p.stem for p in _PRESET_DIR.glob("*.yaml")}
-    return sorted(names)
+    """The registered preset names."""
+    return registry.preset_names()
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -122,7 +109,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    from mmkit.io import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
@@ -131,13 +117,8 @@ def build_model(config: Any, device: Any = None):
 
     ``device="meta"`` builds without allocating memory: how full-size configs (10B, 100B) are inspected.
     """
-    import torch
-
     cfg = load_config(config)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in _MODELS:
-        raise ValueError(f"config {type(cfg).__name__} has model_type {model_type!r}, not a registered model; known: {sorted(_MODELS)}")
-    builder = _MODELS[model_type][1]
+    builder = registry.model_entry(getattr(cfg, "model_type", None))[1]
     if device is None:
         return builder(cfg)
     with torch.device(device):

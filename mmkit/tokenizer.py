@@ -7,6 +7,9 @@ which is also what M6's character-level poem constraints need (M6 §4.5).
     tok = load_tokenizer("world")                # the kit's tokenizer, shipped in mmkit/checkpoints/
     tok = load_tokenizer("/path/bert-base-chinese")  # or any local Hugging Face tokenizer folder
     ids = tok("a small red circle")["input_ids"]    # [CLS] ... [SEP]
+    tok = world_tokenizer()                      # the one cached world tokenizer every task and app shares
+    ids = pad_texts(tok, ["a red circle", "红色"], max_len=32, pad_id=0)   # (B, W) plain ids, right-padded
+    texts = decode_rows(tok, generated, eos_id)  # generated ids -> strings, cut at [EOS]
 
 Special tokens every model of the kit uses: [PAD] [UNK] [CLS] [SEP] [MASK] [BOS] [EOS]. Image codes
 (text-to-image, M6 §4.1) and coordinate bins (grounding) are added on demand with
@@ -15,8 +18,18 @@ Special tokens every model of the kit uses: [PAD] [UNK] [CLS] [SEP] [MASK] [BOS]
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple, Sequence
+
+import torch
+
+import mmkit.registry as registry
+from mmkit.hub import checkpoint_dir
+
+__all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "SpecialIds", "train_tokenizer", "train_world_tokenizer",
+           "load_tokenizer", "world_tokenizer", "pad_texts", "decode", "decode_rows", "join_text",
+           "add_image_code_tokens", "add_coordinate_tokens"]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
 # The kit's tokenizer is trained on the world's text, but people type other words: seed the alphabet so any
@@ -25,6 +38,25 @@ _ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,;:!?'\"()-/&%
 _ALPHABET += list("，。！？；：、（）“”《》")
 
 WORLD_TOKENIZER_NAME = "tokenizer-world"
+
+
+class SpecialIds(NamedTuple):
+    """The special token ids task builders and decoders need."""
+    pad_id: int   # [PAD]: fills encoder/decoder inputs in a batch
+    mask_id: int  # [MASK]: replaces each noised span (M6) / masked token (BERT MLM)
+    bos_id: int   # [BOS]: first decoder input
+    eos_id: int   # [EOS]: last decoder target, so the model learns where text ends
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "SpecialIds":
+        """Read the ids off a Hugging Face tokenizer (e.g. :func:`world_tokenizer`)."""
+        vals = {f: getattr(tok, f"{f[:-3]}_token_id", None) for f in cls._fields}
+        missing = [f for f, v in vals.items() if v is None]
+        if missing:
+            raise ValueError(f"tokenizer has no {', '.join(m[:-3] + '_token' for m in missing)}; load it with "
+                             "mmkit.tokenizer.load_tokenizer (which adds [BOS]/[EOS]) or add them with "
+                             "tok.add_special_tokens(...)")
+        return cls(**vals)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000, min_frequency: int = 1, method: str = "words"):
@@ -129,8 +161,6 @@ def load_tokenizer(name_or_path: str | Path = "world"):
     from transformers import AutoTokenizer
 
     if str(name_or_path) in ("world", WORLD_TOKENIZER_NAME):
-        from mmkit.hub import checkpoint_dir
-
         return AutoTokenizer.from_pretrained(checkpoint_dir(WORLD_TOKENIZER_NAME), local_files_only=True)
     path = Path(name_or_path)
     if not path.is_dir():
@@ -182,3 +212,55 @@ def decode(tok, ids, skip_special_tokens: bool = True) -> str:
     """``tok.decode`` plus :func:`join_text`: readable English and Chinese."""
     # WordPiece's decoder re-attaches , . ! ? ' but leaves "background : a ..."; re-attach : and ; too.
     return re.sub(r" (?=[:;])", "", join_text(tok.decode(ids, skip_special_tokens=skip_special_tokens)))
+
+
+_WORLD: dict = {}
+_WORLD_LOCK = threading.Lock()
+
+
+def world_tokenizer():
+    """The kit's world tokenizer, loaded once per process and shared (the one way tasks and apps get it).
+
+    Shared means: do not add tokens to it; call :func:`load_tokenizer` ("world") for a private copy to extend.
+    """
+    with _WORLD_LOCK:
+        if "tok" not in _WORLD:
+            _WORLD["tok"] = load_tokenizer("world")
+        return _WORLD["tok"]
+
+
+def pad_texts(tok, texts: Sequence[str], max_len: int, pad_id: int | None = None) -> torch.Tensor:
+    """Plain text ids (no specials) of ``texts``, each cut at ``max_len``, right-padded: (B, W) long.
+
+    ``pad_id`` defaults to the tokenizer's [PAD]; W is the longest text (at least 1).
+    """
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of str, e.g. ['a red circle at the top']")
+    pad = tok.pad_token_id if pad_id is None else pad_id
+    ids = [x[:max_len] for x in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+    out = torch.full((len(ids), max(1, max((len(x) for x in ids), default=1))), pad, dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return out
+
+
+def decode_rows(tok, seqs: torch.Tensor, eos_id: int) -> list[str]:
+    """Generated ids (B, T) -> B readable strings, each cut at its first ``eos_id``."""
+    out = []
+    for row in seqs.tolist():
+        if eos_id in row:
+            row = row[:row.index(eos_id)]
+        out.append(decode(tok, row))
+    return out
+
+
+# --- the tokenizer's recipe and loader (mmkit.hub reads "kind": "tokenizer" folders with load_tokenizer) ------
+@registry.recipe(WORLD_TOKENIZER_NAME, "WordPiece tokenizer (EN + ZH by character) trained on the Shapes World's text",
+                 kind="tokenizer")
+def train_world_tokenizer_recipe(out_dir: Path, fast: bool) -> dict:
+    tok = train_world_tokenizer()          # deterministic and a few seconds: fast mode changes nothing
+    tok.save_pretrained(out_dir)
+    return {"vocab_size": len(tok)}
+
+
+registry.register_loader("tokenizer", lambda folder, device="cpu": load_tokenizer(folder))

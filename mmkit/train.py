@@ -50,6 +50,7 @@ save never leaves a half-written checkpoint):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -74,6 +75,7 @@ __all__ = [
     "TrainConfig", "TrainResult", "train", "lr_factor", "default_param_groups", "local_clip_fn",
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
+    "scaled_param_groups", "freeze", "evaluating",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -216,6 +218,66 @@ def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def freeze(model: nn.Module, prefixes: tuple[str, ...] | list[str], frozen: bool = True) -> list[str]:
+    """Set ``requires_grad = not frozen`` on every parameter whose name starts with one of ``prefixes``.
+
+    Stagewise training (VLMo §3.4: "the parameters of self-attention and vision experts are frozen") and a frozen
+    feature extractor (M6 §3.1) are this. Returns the names changed; raises when a prefix matches nothing (a typo
+    would otherwise freeze nothing, silently).
+    """
+    raw = unwrap(model)
+    hit, names = set(), []
+    for name, p in raw.named_parameters():
+        match = [q for q in prefixes if name.startswith(q)]
+        if match:
+            hit.update(match)
+            p.requires_grad_(not frozen)
+            names.append(name)
+    unknown = [q for q in prefixes if q not in hit]
+    if unknown:
+        raise ValueError(f"no parameter name starts with {unknown}; names start with e.g. "
+                         f"{sorted({n.split('.')[0] for n, _ in raw.named_parameters()})}")
+    return names
+
+
+def scaled_param_groups(model: nn.Module, weight_decay: float, lr: float,
+                        lr_scales: dict[str, float]) -> list[dict]:
+    """:func:`default_param_groups` with the learning rate of some parameters multiplied (``param_groups_fn``).
+
+    ``lr_scales`` maps name prefixes to LR multipliers: ``{"feature_extractor.": 0.1}`` trains a pretrained
+    image side ten times slower; a multiplier of 0 freezes those parameters (``requires_grad = False``, so they
+    get no gradient and stay bit-identical). The schedule of :func:`train` scales every group alike.
+    """
+    raw = unwrap(model)
+    scale_of = {}
+    for name, p in raw.named_parameters():
+        scale = next((v for q, v in lr_scales.items() if name.startswith(q)), None)
+        if scale is not None:
+            scale_of[id(p)] = scale
+            if scale == 0:
+                p.requires_grad_(False)
+    out = []
+    for g in default_param_groups(raw, weight_decay):
+        by_scale: dict = {}
+        for p in g["params"]:
+            by_scale.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+        for scale, params in by_scale.items():
+            out.append(dict(g, params=params) if scale == 1.0 else dict(g, params=params, lr=lr * scale))
+    return out
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``with evaluating(model):`` runs the block in eval mode (no dropout) and restores the previous mode after,
+    even when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 ClipFn = Callable[[nn.Module, float], "float | torch.Tensor"]   # (unwrapped model, max_norm) -> norm before clipping

@@ -65,7 +65,7 @@ def show(img: Image.Image, scale: int = 4) -> Image.Image:
 # --------------------------------------------------------------------------------------------------------------
 # Attention masks and token rows (matplotlib; imported lazily so the CLI does not pay for it)
 # --------------------------------------------------------------------------------------------------------------
-# Segment ids as in mmkit.masking (SEG_PAD, SEG_VISUAL, SEG_ENCODER, SEG_DECODER); repeated here so the viz
+# Segment ids as in mmkit.m6.masking (SEG_PAD, SEG_VISUAL, SEG_ENCODER, SEG_DECODER); repeated here so the viz
 # module needs no torch.
 SEGMENT_NAMES: dict[int, str] = {0: "visual", 1: "encoder text", 2: "decoder text", -1: "pad"}
 SEGMENT_SHORT: dict[int, str] = {0: "vis", 1: "enc", 2: "dec", -1: "pad"}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import mmkit
 from mmkit.config import replace_config
-from mmkit.moe import ExpertParallelMoE, is_expert_param
+from mmkit.nn.moe import ExpertParallelMoE, is_expert_param
 
 ROWS, WORDS = 4, 6
 

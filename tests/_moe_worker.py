@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmkit.moe import ExpertParallelMoE, MoEConfig, MoEFeedForward, ddp_ignore_expert_params
+from mmkit.nn.moe import ExpertParallelMoE, MoEConfig, MoEFeedForward, ddp_ignore_expert_params
 
 D = 16
 # name -> (MoEConfig overrides, tokens on each rank, gate bias towards experts or None)

@@ -28,5 +28,5 @@ def tok():
 @pytest.fixture(scope="session")
 def sp(tok):
     """Special-token ids of the world tokenizer, as the masking functions take them."""
-    from mmkit.masking import SpecialIds
+    from mmkit.tokenizer import SpecialIds
     return SpecialIds.from_tokenizer(tok)

@@ -43,7 +43,7 @@ def _image(item) -> torch.Tensor:
 
 
 def test_generate_returns_faithful_images(client):
-    from mmkit.faithfulness import faithfulness
+    from mmkit.evaluation.faithfulness import faithfulness
 
     gallery, status = client.predict("a large blue square in the center", api_name="/generate")  # defaults
     assert len(gallery) == 4 and "samples in" in status, status

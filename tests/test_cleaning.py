@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from mmkit import cleaning as K
+from mmkit.data import cleaning as K
 from mmkit.data import text as T
 from mmkit.data.crawl import (
     GIBBERISH, HTML, MISMATCH, SPAM, crawl, crawl_item, decode_text,

@@ -15,7 +15,7 @@ import yaml
 
 import mmkit
 from mmkit import config as cfgmod
-from mmkit import hub, recipes
+from mmkit import hub, registry, zoo
 from mmkit.params import component_of, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +42,8 @@ class ToyModel(nn.Module):
         self.lm_head.weight = self.embed.weight      # tied, as M6's output layer
 
 
-cfgmod.register_model("toy-test", ToyConfig, ToyModel)
-cfgmod.register_preset("toy-test-small", lambda: ToyConfig(d_model=4))
+registry.register_model("toy-test", ToyConfig, ToyModel)
+registry.register_preset("toy-test-small", lambda: ToyConfig(d_model=4))
 
 
 def test_load_config_from_preset_yaml_and_base(tmp_path):
@@ -106,7 +106,7 @@ def test_param_counts_by_component_and_tied_weights_once():
 _calls = {"n": 0}
 
 
-@recipes.recipe("toy-test-recipe", "toy model for the hub tests", config="toy-test-small")
+@registry.recipe("toy-test-recipe", "toy model for the hub tests", config="toy-test-small")
 def _toy_recipe(out_dir: Path, fast: bool) -> dict:
     from safetensors.torch import save_model
 
@@ -130,7 +130,7 @@ def test_hub_trains_once_then_uses_cache(tmp_path, monkeypatch):
     for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), n
     assert m2.lm_head.weight.data_ptr() == m2.embed.weight.data_ptr(), "tied weights stay tied after loading"
-    info = recipes.read_recipe_info(tmp_path / "cache" / "toy-test-recipe")
+    info = hub.read_recipe_info(tmp_path / "cache" / "toy-test-recipe")
     assert info["command"].startswith("mmkit train toy-test-recipe") and info["metrics"]["d_model"] == 4
 
 
@@ -143,7 +143,7 @@ def test_hub_fast_mode_caches_separately_and_prefers_shipped(tmp_path, monkeypat
     assert (tmp_path / "cache" / "toy-test-recipe@fast" / "recipe.json").exists()
     assert not (tmp_path / "cache" / "toy-test-recipe").exists()
     # a shipped copy wins over the cache
-    recipes.run_recipe("toy-test-recipe", tmp_path / "shipped" / "toy-test-recipe")
+    hub.run_recipe("toy-test-recipe", tmp_path / "shipped" / "toy-test-recipe")
     assert hub.find_checkpoint("toy-test-recipe") == tmp_path / "shipped" / "toy-test-recipe"
 
 
@@ -152,9 +152,9 @@ def test_run_recipe_is_atomic(tmp_path):
         (out_dir / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("interrupted")
 
-    recipes.register_recipe(recipes.Recipe("toy-test-boom", "fails halfway", boom))
+    registry.register_recipe(registry.Recipe("toy-test-boom", "fails halfway", boom))
     with pytest.raises(RuntimeError, match="interrupted"):
-        recipes.run_recipe("toy-test-boom", tmp_path / "out")
+        hub.run_recipe("toy-test-boom", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == [], "no temporary folder is left behind"
 
@@ -171,12 +171,12 @@ def test_shipped_checkpoints_load_and_match_their_recipe():
     total = sum(f.stat().st_size for d in shipped for f in d.rglob("*") if f.is_file())
     assert total < 25 * 2**20, f"shipped checkpoints take {total / 2**20:.1f} MB; the budget is 25 MB"
     for d in shipped:
-        info = recipes.read_recipe_info(d)
+        info = hub.read_recipe_info(d)
         assert info, f"{d} has no recipe.json saying how it was made"
         assert info["recipe"] == d.name and not info["fast"]
         assert info["command"] == f"mmkit train {d.name} --out mmkit/checkpoints/{d.name}"
-        r = recipes.get_recipe(d.name)
-        obj = hub.load(d.name)
+        r = zoo.get_recipe(d.name)
+        obj = zoo.load(d.name)
         if r.kind == "model":
             assert dataclasses.asdict(obj.config) == dataclasses.asdict(mmkit.load_config(r.config))
 

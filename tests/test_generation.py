@@ -11,10 +11,11 @@ import mmkit
 from mmkit.config import replace_config
 from mmkit.data import text as T
 from mmkit.data.world import sample_scene
-from mmkit.generation import (RULE_EVEN_LINES, RULE_FORMAT, RULE_LINE_LENGTH, RULE_MAX_LINES, RULE_MIN_LINES,
-                              RULE_SAME_LENGTH, HFGenerationAdapter, PoemFormatProcessor, PoemState, check_poem,
-                              generation_speed, is_cjk_char, poem_lines)
-from mmkit.models.m6 import M6Model
+from mmkit.bench.m6 import generation_speed
+from mmkit.generation import HFGenerationAdapter
+from mmkit.m6.tasks.poems import (RULE_EVEN_LINES, RULE_FORMAT, RULE_LINE_LENGTH, RULE_MAX_LINES, RULE_MIN_LINES,
+                                  RULE_SAME_LENGTH, PoemFormatProcessor, PoemState, check_poem, is_cjk_char, poem_lines)
+from mmkit.m6.model import M6Model
 from mmkit.tokenizer import decode
 
 BOS, EOS, PAD = 5, 6, 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkit.layers import (
+from mmkit.nn import (
     ConvFeatureExtractor, FeedForward, KVCache, MultiHeadAttention, PatchEmbedding, PositionEmbedding,
     PositionEmbedding2D, TransformerBlock, TypeEmbedding, causal_mask, check_mask, combine_masks, init_weights,
     padding_mask, to_additive,

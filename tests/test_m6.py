@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmkit
-from mmkit import masking as M
+from mmkit.m6 import masking as M
 from mmkit.config import config_to_dict, replace_config
 from mmkit.data.world import make_scene, scene_to_tensor
-from mmkit.models.m6 import FFN_FACTORIES, M6Config, M6Model, register_ffn
+from mmkit.m6.model import FFN_FACTORIES, M6Config, M6Model, register_ffn
 from mmkit.params import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""M6 downstream (mmkit/models/m6_downstream.py): image-text matching (M6 §4.6) with substituted negatives,
+"""M6 downstream (mmkit/m6/tasks/itm.py, captioning.py, text_qa.py, poems.py): image-text matching (M6 §4.6) with substituted negatives,
 the shipped m6-tiny-itm checkpoint, caption metrics, long-answer text QA (§4.4) and poems (§4.5)."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from mmkit import hub
 from mmkit.data.world import sample_scene, split_seeds
-from mmkit.models.m6_downstream import (KIND_STYLES, NEGATIVE_KINDS, ITMData, evaluate_itm, finetune_itm,
-                                        itm_model_from_pretrained, itm_pairs, itm_scores, substitute_caption)
+from mmkit.data.negatives import KIND_STYLES, NEGATIVE_KINDS, itm_pairs, substitute_caption
+from mmkit.m6.tasks.itm import evaluate_itm, finetune_itm, itm_data, itm_model_from_pretrained, itm_scores
 from mmkit.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")       # tiny model: one thread is faster and steadier (conftest)
@@ -25,7 +25,7 @@ def itm():
 
 @pytest.fixture(scope="module")
 def test_data():
-    return ITMData.build("test", 64)
+    return itm_data("test", 64, image_size=32)
 
 
 # --- substitution negatives (M6 §4.6) -------------------------------------------------------------------
@@ -96,10 +96,10 @@ def test_shipped_itm_beats_chance_on_every_negative_kind(itm, tok, test_data):
 
 
 def test_itm_scores_api_and_errors(itm, tok, test_data):
-    imgs = test_data.images([0, 0, 1])
+    imgs = test_data.bank.images([0, 0, 1])
     from mmkit.data.text import caption
-    texts = [caption(test_data.scenes[0], "full", "en"), caption(test_data.scenes[0], "full", "zh"),
-             caption(test_data.scenes[0], "full", "en")]
+    texts = [caption(test_data.bank.scenes[0], "full", "en"), caption(test_data.bank.scenes[0], "full", "zh"),
+             caption(test_data.bank.scenes[0], "full", "en")]
     p = itm_scores(itm, imgs, texts, tok)
     assert p.shape == (3,) and float(p.min()) >= 0 and float(p.max()) <= 1
     assert p[0] > 0.5 and p[1] > 0.5 and p[2] < p[0]          # own caption (EN, ZH) vs another image
@@ -115,8 +115,9 @@ def test_short_itm_finetune_learns_above_chance(tok, test_data):
     torch.manual_seed(0)
     cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, warmup_steps=10, mixed_precision="no",
                       progress_bar=False, log_every=0)
-    before = evaluate_itm(itm_model_from_pretrained(), tok, data=test_data, n=48).accuracy
-    run = finetune_itm(train_config=cfg, data=ITMData.build("train", 400), n_eval=0)
+    before = evaluate_itm(itm_model_from_pretrained(hub.load("m6-tiny-pretrained")), tok, data=test_data, n=48).accuracy
+    run = finetune_itm(itm_model_from_pretrained(hub.load("m6-tiny-pretrained")), cfg,
+                       data=itm_data("train", 400, image_size=32), n_eval=0)
     after = evaluate_itm(run.model, tok, data=test_data, n=48)
     assert abs(before - 0.5) < 0.1                      # a fresh head: chance
     assert after.accuracy >= 0.5 + 0.1, after.per_kind  # measured 0.70 after 40 steps of 32 (~25 s)
@@ -124,7 +125,7 @@ def test_short_itm_finetune_learns_above_chance(tok, test_data):
 
 # --- captioning metrics (M6 §4.3) ------------------------------------------------------------------------
 def test_bleu_and_cider_on_hand_computed_cases():
-    from mmkit.models.m6_downstream import caption_references, caption_scores, metric_tokens
+    from mmkit.evaluation.captioning import caption_references, caption_scores, metric_tokens
 
     assert metric_tokens("A red circle, at the TOP.") == "a red circle at the top"
     assert metric_tokens("左上方有一个红色圆形", "zh") == "左 上 方 有 一 个 红 色 圆 形"
@@ -150,15 +151,16 @@ def test_bleu_and_cider_on_hand_computed_cases():
 
 
 # --- long-answer text QA (M6 §4.4) -----------------------------------------------------------------------
-def test_text_qa_answers_state_every_fact_in_description_order():
-    from mmkit.models.m6_downstream import _description_order, answer_facts, text_qa
+def test_text_qa_answers_state_every_fact_indescription_order():
+    from mmkit.data.text import answer_facts, description_order
+    from mmkit.m6.tasks.text_qa import text_qa
 
     for s in split_seeds("train", 40):
         scene = sample_scene(s)
         qa = text_qa(scene, "contents")
         assert qa.prompt.endswith("what is in this set? answer:")              # M6 §4.4: "?" + "Answer:"
         assert answer_facts(qa.answer, scene) == 1.0
-        order = _description_order(scene, qa.prompt)
+        order = description_order(scene, qa.prompt)
         assert sorted(map(id, order)) == sorted(map(id, scene.objects))            # every object, once
         if len({(o.colour, o.shape) for o in scene.objects}) == len(scene.objects):  # distinct objects:
             ctx = qa.prompt.lower()                                                # the description's order
@@ -168,7 +170,8 @@ def test_text_qa_answers_state_every_fact_in_description_order():
 
 
 def test_text_qa_finetune_lowers_the_answer_loss(tok):
-    from mmkit.models.m6_downstream import finetune_text, qa_data
+    from mmkit.m6.tasks.seq2seq import finetune_text
+    from mmkit.m6.tasks.text_qa import qa_data
 
     torch.manual_seed(0)
     _, data = qa_data("train", 200, start=50_000, tok=tok)
@@ -183,7 +186,7 @@ def test_text_qa_finetune_lowers_the_answer_loss(tok):
 def test_poem_facts_on_hand_made_poems():
     from mmkit.data.text import poem
     from mmkit.data.world import make_scene
-    from mmkit.models.m6_downstream import poem_facts
+    from mmkit.m6.tasks.poems import poem_facts
 
     scene = make_scene([("circle", "red", "small", "top left"), ("square", "blue", "large", "center")])
     assert poem_facts(poem(scene, 5), scene) == (2, 2, 2)
@@ -193,7 +196,8 @@ def test_poem_facts_on_hand_made_poems():
 
 
 def test_finetuned_poems_obey_every_rule_and_name_true_objects(tok):
-    from mmkit.models.m6_downstream import evaluate_poems, finetune_text, poem_data
+    from mmkit.m6.tasks.poems import evaluate_poems, poem_data
+    from mmkit.m6.tasks.seq2seq import finetune_text
 
     torch.manual_seed(0)
     model = hub.load("m6-tiny-pretrained")
@@ -209,20 +213,21 @@ def test_finetuned_poems_obey_every_rule_and_name_true_objects(tok):
 
 
 def test_bad_inputs_name_the_fix(itm, tok, test_data):
-    from mmkit.models.m6_downstream import decode_captions, text_qa
+    from mmkit.m6.tasks.captioning import decode_captions
+    from mmkit.m6.tasks.text_qa import text_qa
 
     with pytest.raises(ValueError, match="use one of"):
-        decode_captions(itm, test_data.images([0]), tok, method="nucleus")
+        decode_captions(itm, test_data.bank.images([0]), tok, method="nucleus")
     with pytest.raises(ValueError, match="use one of"):
-        text_qa(test_data.scenes[0], "why")
+        text_qa(test_data.bank.scenes[0], "why")
     with pytest.raises(TypeError, match="float tensor"):
-        itm_scores(itm, test_data.images_u8[:1], ["a red circle"], tok)
+        itm_scores(itm, test_data.bank.images_u8[:1], ["a red circle"], tok)
     with pytest.raises(TypeError, match="list of str"):
-        itm_scores(itm, test_data.images([0]), [3], tok)
+        itm_scores(itm, test_data.bank.images([0]), [3], tok)
 
 
 def test_pretrained_likelihood_already_ranks_true_captions_first(tok, test_data):
-    from mmkit.models.m6_downstream import zero_shot_itm_ranking
+    from mmkit.m6.tasks.itm import zero_shot_itm_ranking
 
     r = zero_shot_itm_ranking(hub.load("m6-tiny-pretrained"), tok, data=test_data, n=32)
     assert min(r.values()) >= 0.8, r           # measured 0.97-1.0 per kind on 128 test scenes

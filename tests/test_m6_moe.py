@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import mmkit
-from mmkit import masking as M
+from mmkit import hub
+from mmkit.m6 import masking as M
 from mmkit.config import replace_config
 from mmkit.data.world import make_scene, scene_to_tensor
-from mmkit.models.m6 import M6Config, M6Model
-from mmkit.models.m6_moe import (M6MoEConfig, RoutingMonitor, capacity_factor, evaluate_capacity, load_cv,
+from mmkit.m6.model import M6Config, M6Model
+from mmkit.m6.tasks.moe import (M6MoEConfig, RoutingMonitor, capacity_factor, evaluate_capacity, load_cv,
                                  moe_layers, route_table)
-from mmkit.moe import MoEFeedForward, load_balancing_loss, router_z_loss
+from mmkit.nn.moe import MoEFeedForward, load_balancing_loss, router_z_loss
 from mmkit.params import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,14 +171,14 @@ def test_tiny_moe_learns_image_keyed_captions(tok, sp):
 
 
 def test_pretrain_moe_on_the_world_logs_routing_metrics_and_loss_falls(tok):
-    from mmkit.models import m6_pretrain as P
-    from mmkit.models.m6_moe import init_image_side, pretrain_moe
+    from mmkit.m6.tasks import pretrain as P
+    from mmkit.m6.tasks.moe import init_image_side, pretrain_moe
     from mmkit.train import TrainConfig
 
     pcfg = P.PretrainConfig(n_pairs=200, n_texts=60, extractor_steps=0)
     data = P.PretrainData.build(pcfg, tok, "train")
     m = _model()
-    init_image_side(m)
+    init_image_side(m, hub.load("m6-tiny-pretrained"))
     assert not any(p.requires_grad for p in m.feature_extractor.parameters())
     frozen = [p.detach().clone() for p in m.feature_extractor.parameters()]
     tc = TrainConfig(steps=30, batch_size=16, lr=3e-3, warmup_steps=5, mixed_precision="no", progress_bar=False,

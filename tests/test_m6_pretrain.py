@@ -1,4 +1,4 @@
-"""M6 multitask pretraining (mmkit/models/m6_pretrain.py): the task mix, the per-task losses, a short run that
+"""M6 multitask pretraining (mmkit/m6/tasks/pretrain.py): the task mix, the per-task losses, a short run that
 lowers every task's loss, the trained feature extractor stage, and the shipped m6-tiny-pretrained checkpoint."""
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import mmkit
-from mmkit import hub, masking as M
+from mmkit import hub
+from mmkit.m6 import masking as M
 from mmkit.data.world import make_scene
-from mmkit.models.m6_pretrain import (IMAGE_TASKS, TASKS, TEXT_TASKS, PretrainConfig, PretrainData,
-                                      PretrainEvaluator, attribute_scores, caption_mentions, object_labels, pretrain,
-                                      pretrain_loss, task_counts, task_losses, task_order,
-                                      word_categories)
+from mmkit.data.world import object_labels
+from mmkit.evaluation.captioning import attribute_scores, caption_mentions, word_categories
+from mmkit.m6.tasks.pretrain import (IMAGE_TASKS, TASKS, TEXT_TASKS, PretrainConfig, PretrainData, PretrainEvaluator,
+                                     pretrain, pretrain_loss, task_counts, task_losses, task_order)
 from mmkit.train import TrainConfig, slice_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")       # tiny model: one thread is faster and steadier (conftest)

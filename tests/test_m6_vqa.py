@@ -15,11 +15,13 @@ from PIL import Image, ImageDraw
 
 from mmkit import hub
 from mmkit.data.augment import AugmentConfig, draw_augmented
-from mmkit.data.datasets import render_uint8
+from mmkit.data.scenes import render_uint8
 from mmkit.data.preprocess import ImageInputError, open_image, preprocess_image
 from mmkit.data.text import ANSWERS_EN, ANSWERS_ZH
 from mmkit.data.world import make_scene, render, sample_scene
-from mmkit.models import m6_vqa as V
+from mmkit.data.text import QTYPES
+from mmkit.data.vqa import normalise_question, question_language
+from mmkit.m6.tasks import vqa as V
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _vqa_drawings import drawn_pairs  # noqa: E402
@@ -129,10 +131,10 @@ def test_augmentations_keep_semantics():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_question_pattern():
-    assert V.normalise_question("  What COLOR is the circle ") == "what colour is the circle?"
+    assert normalise_question("  What COLOR is the circle ") == "what colour is the circle?"
     assert V.vqa_prompt("where is the square?") == "where is the square? answer:"        # M6 §4.2 pattern
     assert V.vqa_prompt("圆形在哪里") == "圆形在哪里？答案："
-    assert V.question_language("图中有几个物体？") == "zh" and V.question_language("is it red?") == "en"
+    assert question_language("图中有几个物体？") == "zh" and question_language("is it red?") == "en"
 
 
 def test_answer_confidence_alternatives_and_heatmap(model):
@@ -172,7 +174,7 @@ def test_answer_confidence_alternatives_and_heatmap(model):
 def test_world_test_split_accuracy_per_type(model):
     ev = V.evaluate_vqa(model, "test", n=160)
     print("world test split:", {k: round(v, 3) for k, v in ev.per_type.items()}, ev.per_lang)
-    assert set(ev.per_type) == set(V.VQA_QTYPES) and ev.n_questions > 700
+    assert set(ev.per_type) == set(QTYPES) and ev.n_questions > 700
     for t, acc in ev.per_type.items():
         assert acc >= WORLD_FLOOR[t], (t, acc)
         assert t not in LEARNED or WORLD_FLOOR[t] > CHANCE[t] + 0.2
@@ -193,7 +195,7 @@ def test_drawn_pictures_accuracy_per_type(model):
 
 
 def test_zero_shot_is_far_below_fine_tuned():
-    answers, gen, ranked = V.zero_shot_answers(n=12)
+    answers, gen, ranked = V.zero_shot_answers(hub.load("m6-tiny-pretrained"), n=12)
     assert answers and all(isinstance(a.generated, str) for a in answers)
     assert gen.accuracy < 0.2 and ranked.accuracy < 0.4          # fine-tuned: 0.67 (test above)
 
@@ -202,9 +204,9 @@ def test_finetuning_learns_from_pretrained():
     from mmkit.train import TrainConfig
 
     cfg = V.VQAConfig(n_scenes=300, n_augmented=100)
-    data = V.VQAData.build(cfg, "train")
+    bank = V.vqa_bank(cfg, "train")
     tcfg = TrainConfig(**dict(V.VQA_TRAIN, steps=30, warmup_steps=5, batch_size=32, progress_bar=False, log_every=0))
-    run = V.finetune_vqa(hub.load("m6-tiny-pretrained").train(), train_config=tcfg, config=cfg, data=data,
+    run = V.finetune_vqa(hub.load("m6-tiny-pretrained").train(), train_config=tcfg, config=cfg, bank=bank,
                          n_eval=0)
     h = run.result.history
     first, last = np.mean([x["loss"] for x in h[:3]]), np.mean([x["loss"] for x in h[-5:]])

@@ -1,13 +1,14 @@
-"""mmkit.masking: hand-written mask matrices, task builders, BERT MLM statistics, prefix-LM splits."""
+"""mmkit.m6.masking and mmkit.objectives.mlm: hand-written mask matrices, task builders, BERT MLM statistics, prefix-LM splits."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmkit.masking import (IGNORE_INDEX, SpecialIds, collate, image_captioning, language_modeling, mlm_mask,
-                           multimodal_to_text, prefix_lm_split, replace_spans, span_noise_mask, text_denoising,
-                           unified_mask, word_ids_from_tokens)
+from mmkit.m6.masking import (IGNORE_INDEX, SpecialIds, collate, image_captioning, language_modeling,
+                              multimodal_to_text, prefix_lm_split, replace_spans, span_noise_mask, text_denoising,
+                              unified_mask)
+from mmkit.objectives.mlm import mlm_mask, word_ids_from_tokens
 
 SP = SpecialIds(pad_id=0, mask_id=4, bos_id=5, eos_id=6)
 SPECIALS = list(range(7))  # [PAD] [UNK] [CLS] [SEP] [MASK] [BOS] [EOS], as mmkit.tokenizer.SPECIAL_TOKENS

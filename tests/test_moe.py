@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmkit.layers import TransformerBlock
-from mmkit.moe import (MoEConfig, MoEFeedForward, dispatch_plan, expert_capacity, is_expert_param,
+from mmkit.nn import TransformerBlock
+from mmkit.nn.moe import (MoEConfig, MoEFeedForward, dispatch_plan, expert_capacity, is_expert_param,
                        load_balancing_loss, moe_aux_loss, route, router_z_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_backends_match_the_per_token_loop_and_each_other(kw):
 
 
 def test_expert_loop_backward_passes_gradcheck():
-    from mmkit.moe import _ExpertMM
+    from mmkit.nn.moe import _ExpertMM
 
     torch.manual_seed(0)
     a = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)

@@ -6,10 +6,11 @@ from PIL import Image, ImageDraw
 from transformers import LogitsProcessorList
 
 from mmkit.data.world import make_scene, scene_to_tensor
-from mmkit.faithfulness import Wanted, detect_objects, faithfulness, faithfulness_score, parse_prompt
+from mmkit.evaluation.faithfulness import Wanted, detect_objects, faithfulness, faithfulness_score, parse_prompt
 from mmkit.generation import HFGenerationAdapter
-from mmkit.models.m6_t2i import (HELDOUT_PAIRS, CodeOnlyProcessor, M6T2I, M6T2IConfig, SamplingConfig,
-                                 T2IDataConfig, eval_prompts, generate_codes, rerank, t2i_loss)
+from mmkit.m6.model import M6T2I, M6T2IConfig
+from mmkit.m6.tasks.t2i import (HELDOUT_PAIRS, CodeOnlyProcessor, SamplingConfig, T2IDataConfig, eval_prompts,
+                                generate_codes, rerank, t2i_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,7 +87,7 @@ def test_parse_prompt_english_and_chinese():
 # --- the code LM ------------------------------------------------------------------------------------------
 
 def test_from_pretrained_m6_adds_code_rows_and_keeps_words():
-    from mmkit.models.m6 import M6Config, M6Model
+    from mmkit.m6.model import M6Config, M6Model
 
     torch.manual_seed(0)
     m6 = M6Model(M6Config(vocab_size=400, d_model=32, n_layers=2, n_heads=2, d_ff=64, feature_channels=(8, 16, 32),
@@ -169,10 +170,10 @@ def test_rerank_orders_samples_by_the_scorer():
 
 def test_heldout_pairs_are_kept_out_of_training_and_form_the_unseen_set():
     from mmkit.data.world import sample_scene, split_seeds
-    from mmkit.models.m6_t2i import _scene_ok
+    from mmkit.m6.tasks.t2i import scene_ok
 
     train_cfg = T2IDataConfig()
-    kept = [s for s in (sample_scene(i, 1, 1) for i in split_seeds("train", 300)) if _scene_ok(s, train_cfg)]
+    kept = [s for s in (sample_scene(i, 1, 1) for i in split_seeds("train", 300)) if scene_ok(s, train_cfg)]
     assert 200 < len(kept) < 300
     assert not any((o.colour, o.shape) in HELDOUT_PAIRS for s in kept for o in s.objects)
     unseen = eval_prompts(12, "unseen_pairs")
@@ -185,7 +186,7 @@ def test_heldout_pairs_are_kept_out_of_training_and_form_the_unseen_set():
 def test_shipped_code_lm_is_faithful_on_heldout_prompts():
     # the shipped checkpoints (mmkit/checkpoints): floor well under the recipe's measured value (see recipe.json)
     import mmkit.hub
-    from mmkit.models.m6_t2i import evaluate_t2i
+    from mmkit.m6.tasks.t2i import evaluate_t2i
 
     if mmkit.hub.find_checkpoint("m6-tiny-t2i") is None or mmkit.hub.find_checkpoint("vqgan-world") is None:
         pytest.skip("m6-tiny-t2i / vqgan-world are not shipped yet")

@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from mmkit import train as T
-from mmkit.config import register_model
+from mmkit.registry import register_model
 from mmkit.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]

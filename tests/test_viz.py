@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 
-from mmkit.masking import unified_mask  # noqa: E402
+from mmkit.m6.masking import unified_mask  # noqa: E402
 from mmkit.viz import (BLOCKED_COLOUR, SEGMENT_COLOURS, TOKEN_COLOURS, plot_attention_mask,  # noqa: E402
                        plot_token_rows, segment_runs)
 

@@ -1,4 +1,4 @@
-"""VQGAN (mmkit/models/vqgan.py): encode/decode shapes and ranges, learning on world images, the loss pieces against
+"""VQGAN (mmkit/vqgan/): encode/decode shapes and ranges, learning on world images, the loss pieces against
 hand-computed values and against taming's quantizer, codebook statistics, gradient separation of the GAN's two
 players, official-layout checkpoint loading (weights only, placeholders for pickled metadata, malicious pickles
 refused), clear errors."""
@@ -15,9 +15,9 @@ import yaml
 
 import mmkit
 from mmkit.config import config_from_dict, config_to_dict, replace_config
-from mmkit.models.vqgan import (VQGAN, VQGANConfig, adaptive_weight, codebook_usage, config_from_taming,
-                                evaluate_reconstruction, generator_loss, hinge_d_loss, is_discriminator_param,
-                                load_taming_checkpoint, read_taming_state_dict, vanilla_d_loss, vqgan_loss_fn)
+from mmkit.vqgan.model import (VQGAN, VQGANConfig, adaptive_weight, codebook_usage, config_from_taming, generator_loss,
+                               hinge_d_loss, load_taming_checkpoint, read_taming_state_dict, vanilla_d_loss)
+from mmkit.vqgan.training import evaluate_reconstruction, is_discriminator_param, vqgan_loss_fn
 
 # 32 px -> 8x8 codes with the narrowest taming stack (GroupNorm needs widths that are multiples of 32).
 TINY = dict(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, n_embed=32, embed_dim=8,
@@ -417,7 +417,7 @@ def test_checkpoint_errors_and_malicious_pickles(tmp_path):
 @pytest.mark.slow
 def test_fast_recipe_ships_a_small_checkpoint_that_the_hub_loads(tmp_path):
     from mmkit.hub import load_model_dir
-    from mmkit.recipes import read_recipe_info, run_recipe
+    from mmkit.hub import read_recipe_info, run_recipe
 
     metrics = run_recipe("vqgan-world", tmp_path / "vq", fast=True)
     assert metrics["val_mse"] < 0.5 * metrics["init_val_mse"]

@@ -59,7 +59,7 @@ def test_pinned_scene_values_do_not_drift():
         ("circle", "orange", "large", "right"), ("square", "green", "small", "bottom right"),
         ("square", "red", "large", "top"),
     ]
-    r = W._Rng(0)
+    r = W.Rng(0)
     assert [r.randint(0, 9) for _ in range(8)] == [8, 7, 4, 2, 5, 4, 7, 3]
 
 

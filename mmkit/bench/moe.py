@@ -9,7 +9,7 @@ processes on the shared cores hits them alike; medians of --repeats steps; a ste
 backward of sum(y * g)):
 
 * dense        one FFN with d_ff * top_k hidden units: the same number of active parameters per token as the MoE;
-* kit          ``mmkit.moe.MoEFeedForward`` (sort + index_select dispatch, index_add_ combine), one row per
+* kit          ``mmkit.nn.moe.MoEFeedForward`` (sort + index_select dispatch, index_add_ combine), one row per
                expert backend: grouped_mm (torch.nn.functional.grouped_mm: one call for all experts; what "auto"
                picks), loop (a Python loop of torch.mm(out=) over the non-empty experts, with a hand-written
                backward), bmm (buckets padded to the largest, one batched matmul);
@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkit.moe import MoEFeedForward, expert_capacity
+from mmkit.nn.moe import MoEFeedForward, expert_capacity
 
 
 class DenseFFN(nn.Module):

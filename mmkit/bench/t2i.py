@@ -18,6 +18,12 @@ import time
 
 import torch
 
+from mmkit.bench import vqgan as vqgan_bench
+from mmkit.hub import find_checkpoint
+from mmkit.m6.tasks.t2i import SamplingConfig, text_to_image
+from mmkit.tokenizer import world_tokenizer
+from mmkit.zoo import build_model, load, load_config
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkit bench t2i", description=__doc__,
@@ -30,19 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _models():
-    from mmkit.config import build_model, load_config
-    from mmkit.hub import find_checkpoint, load
-
     if find_checkpoint("m6-tiny-t2i") and find_checkpoint("vqgan-world"):
-        return load("m6-tiny-t2i"), load("vqgan-world"), load("tokenizer-world"), "shipped checkpoints"
+        return load("m6-tiny-t2i"), load("vqgan-world"), world_tokenizer(), "shipped checkpoints"
     torch.manual_seed(0)
     return (build_model(load_config("m6-tiny-t2i")).eval(), build_model(load_config("vqgan-world-tiny")).eval(),
-            load("tokenizer-world"), "random weights (checkpoints not found)")
+            world_tokenizer(), "random weights (checkpoints not found)")
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
-    from mmkit.models.m6_t2i import SamplingConfig, text_to_image
-
     args = build_parser().parse_args(argv or [])
     torch.set_num_threads(args.threads)
     model, vqgan, tok, source = _models()
@@ -68,8 +69,6 @@ def run(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"{bs:>6} {per['cache']:>14.3f} {per['no_cache']:>17.3f} {row['ratio']:>16.2f}x")
     if not args.no_vqgan:
-        from mmkit.bench import vqgan as vqgan_bench
-
         print()
         vqgan_bench.run(["--batch-sizes", "1", "32", "--threads", str(args.threads), "--repeats", str(args.repeats)])
     return rows

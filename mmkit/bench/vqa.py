@@ -16,13 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+import torch
+from gradio_client import Client, handle_file
+
+from mmkit.bench.launch import running_app
+from mmkit.data.preprocess import preprocess_image
+from mmkit.data.world import make_scene, render
+from mmkit.zoo import vqa_models
+
 QUESTIONS = ["what colour is the circle?", "where is the square?", "how many objects are there?",
              "三角形是什么颜色的？", "is there a blue square?", "what shape is the yellow object?"]
 
@@ -43,8 +49,6 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def _scene_file(folder: Path) -> Path:
-    from mmkit.data.world import make_scene, render
-
     scene = make_scene([("circle", "red", "large", "top left"), ("square", "blue", "small", "bottom right"),
                         ("triangle", "yellow", "large", "center")])
     path = folder / "scene.png"
@@ -53,11 +57,6 @@ def _scene_file(folder: Path) -> Path:
 
 
 def _in_process_ms(path: Path, n: int = 30) -> tuple[float, float]:
-    import torch
-
-    from mmkit.data.preprocess import preprocess_image
-    from mmkit.vqa_models import vqa_models
-
     torch.set_num_threads(2)
     entry = vqa_models()[0]
     model = entry.model()
@@ -73,8 +72,6 @@ def _in_process_ms(path: Path, n: int = 30) -> tuple[float, float]:
 
 
 def measure(url: str, path: Path, requests: int, clients: int, per_client: int) -> dict:
-    from gradio_client import Client, handle_file
-
     client = Client(url, verbose=False)
     for q in QUESTIONS[:3]:
         client.predict(handle_file(str(path)), q, api_name="/answer")                    # warm-up
@@ -111,9 +108,6 @@ def run(argv: list[str] | None = None) -> dict:
     if args.url:
         res = measure(args.url, path, args.requests, args.clients, args.per_client)
     else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from apps_harness import running_app                          # the tests' launcher: free port, clean stop
-
         with running_app("apps/vqa.py") as app:
             res = measure(app.url, path, args.requests, args.clients, args.per_client)
     med, p95 = _in_process_ms(path)

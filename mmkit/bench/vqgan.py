@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from mmkit.zoo import build_model, load_config
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkit bench vqgan", description=__doc__,
@@ -29,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
-    from mmkit.config import build_model, load_config
-
     args = build_parser().parse_args(argv or [])
     if args.threads:
         torch.set_num_threads(args.threads)

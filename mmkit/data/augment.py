@@ -8,7 +8,7 @@ The world's renderer (:func:`mmkit.data.world.render`) draws every object as a c
 studio gradient. Images people bring are not like that: shapes are outlined with thick strokes (or drawn hollow),
 slightly rotated and wobbly, colours are off the palette, backgrounds are cream, grey or noisy paper, and the file
 went through JPEG. A model trained only on the renderer's images answers those far worse (measured in
-``mmkit.models.m6_vqa``'s recipe notes). This module draws a scene's objects *itself* (its own polygon code, not
+``mmkit.m6.tasks.vqa``'s recipe notes). This module draws a scene's objects *itself* (its own polygon code, not
 the renderer) from the scene's geometry (centre, radius, colour), with random:
 
 =====================  ===========================================================================================

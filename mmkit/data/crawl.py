@@ -103,7 +103,7 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 from PIL import Image, ImageFilter
 
 from mmkit.data import text as T
-from mmkit.data.world import SPLITS, Scene, _Rng, render, render_background, sample_scene, split_seeds
+from mmkit.data.world import SPLITS, Scene, Rng, render, render_background, sample_scene, split_seeds
 
 # --------------------------------------------------------------------------------------------------
 # Defect names
@@ -363,7 +363,7 @@ def _valid(defects: set[str]) -> bool:
     return True
 
 
-def _weighted(rng: _Rng, names: Sequence[str], weights: Mapping[str, float]) -> str:
+def _weighted(rng: Rng, names: Sequence[str], weights: Mapping[str, float]) -> str:
     total = sum(weights[d] for d in names)
     u = rng.random() * total
     for d in names:
@@ -373,7 +373,7 @@ def _weighted(rng: _Rng, names: Sequence[str], weights: Mapping[str, float]) -> 
     return names[-1]
 
 
-def _choose_defects(rng: _Rng, weights: Mapping[str, float], multi: float) -> set[str]:
+def _choose_defects(rng: Rng, weights: Mapping[str, float], multi: float) -> set[str]:
     names = [d for d in DEFECTS if weights[d] > 0]
     chosen = {_weighted(rng, names, weights)}
     while len(chosen) < 3 and rng.random() < multi:
@@ -413,7 +413,7 @@ def _has_spam(text: str) -> bool:
     return any(term in text for term in SPAM_TERMS["zh"])
 
 
-def _gibberish(rng: _Rng, lang: str) -> str:
+def _gibberish(rng: Rng, lang: str) -> str:
     """Random character soup (M6 §2.3 'random combinations of characters'), 20-120 characters."""
     while True:
         if lang == "en":
@@ -448,14 +448,14 @@ def _zh_pool() -> list[str]:
     return _ZH_POOL
 
 
-def _spam_sentence(rng: _Rng, lang: str) -> str:
+def _spam_sentence(rng: Rng, lang: str) -> str:
     if lang == "en":
         p, w = rng.choice(SPAM_PHRASES_EN), rng.choice(BAD_WORDS_EN)
         return rng.choice(_SPAM_SENTENCES_EN).format(P=T._cap(p), p=p, w=w)
     return rng.choice(_SPAM_SENTENCES_ZH).format(p=rng.choice(SPAM_PHRASES_ZH), w=rng.choice(BAD_WORDS_ZH))
 
 
-def _spam_title(rng: _Rng, title: str, lang: str) -> str:
+def _spam_title(rng: Rng, title: str, lang: str) -> str:
     if lang == "en":
         p = rng.choice(SPAM_PHRASES_EN + BAD_WORDS_EN)
         return rng.choice(_SPAM_TITLES_EN).format(P=T._cap(p), t=title)
@@ -469,7 +469,7 @@ def _add_run(s: str, run: str) -> str:
     return s + run
 
 
-def _html_body(rng: _Rng, sentences: list[str]) -> str:
+def _html_body(rng: Rng, sentences: list[str]) -> str:
     style = rng.randint(0, 3)
     if style == 0:
         return '<div class="desc">' + "".join(f"<p>{s}</p>" for s in sentences) + "</div>"
@@ -487,12 +487,12 @@ def _html_body(rng: _Rng, sentences: list[str]) -> str:
     return " ".join(out)
 
 
-def _html_title(rng: _Rng, title: str) -> str:
+def _html_title(rng: Rng, title: str) -> str:
     tag = rng.choice(("h1", "b", "title", "strong"))
     return f"<{tag}>{title}</{tag}>"
 
 
-def _invalid_utf8(rng: _Rng, text: str, lang: str) -> bytes:
+def _invalid_utf8(rng: Rng, text: str, lang: str) -> bytes:
     if lang == "zh" and rng.random() < 0.5:
         data = text.encode("gbk", errors="replace")   # a Chinese page served as GBK
     else:
@@ -505,7 +505,7 @@ def _invalid_utf8(rng: _Rng, text: str, lang: str) -> bytes:
     return data
 
 
-def _make_text(scene: Scene, lang: str, rng: _Rng) -> tuple[str, str]:
+def _make_text(scene: Scene, lang: str, rng: Rng) -> tuple[str, str]:
     """The clean (title, body) of a scene: a short caption and the product description."""
     titles = [T.caption(scene, style, lang) for style in ("colour_shape", "full", "count_intro", "shape_count")]
     titles = [t for t in titles if len(t) >= MIN_TITLE_CHARS]   # "两个圆形" would be a too-short title
@@ -527,7 +527,7 @@ def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _mismatch_scene(scene: Scene, split: str, rng: _Rng, max_objects: int) -> Scene:
+def _mismatch_scene(scene: Scene, split: str, rng: Rng, max_objects: int) -> Scene:
     """Another scene of the same split that shares no (colour, shape) with ``scene``."""
     lo, hi = SPLITS[split]
     pairs = {(o.colour, o.shape) for o in scene.objects}
@@ -592,10 +592,10 @@ def _item(seed: int, split: str, noise: float, langs: tuple[str, ...], weights: 
           multi: float, max_objects: int) -> CrawlItem:
     scene = sample_scene(seed, max_objects=max_objects)
     # Independent streams: being noisy, which defects, the page itself, and how defects are injected.
-    noisy = _Rng(f"crawl-noisy-{seed}").random() < noise
-    defects = _choose_defects(_Rng(f"crawl-defects-{seed}"), weights, multi) if noisy else set()
-    page = _Rng(f"crawl-page-{seed}")
-    rng = _Rng(f"crawl-inject-{seed}")
+    noisy = Rng(f"crawl-noisy-{seed}").random() < noise
+    defects = _choose_defects(Rng(f"crawl-defects-{seed}"), weights, multi) if noisy else set()
+    page = Rng(f"crawl-page-{seed}")
+    rng = Rng(f"crawl-inject-{seed}")
 
     lang = langs[page.randint(0, len(langs) - 1)]
     fmt = "PNG" if page.random() < 0.5 else "JPEG"

@@ -67,7 +67,8 @@ from mmkit.data.text import (
     sample_hypothesis,
     sample_question,
 )
-from mmkit.data.world import POSITIONS, SPLITS, Scene, _Rng, render, sample_scene
+from mmkit.data.scenes import render_uint8
+from mmkit.data.world import POSITIONS, SPLITS, Rng, Scene, sample_scene
 
 __all__ = [
     "WorldDataset", "ImageTextDataset", "TextOnlyDataset", "ImageOnlyDataset", "VQADataset",
@@ -77,14 +78,6 @@ __all__ = [
 
 DATASET_LANGS: tuple[str, ...] = LANGS + ("both",)   # "both": each item draws en or zh from its seed
 TEXT_SOURCES: tuple[str, ...] = ("description", "caption")
-
-
-def render_uint8(scene: Scene, size: int) -> torch.Tensor:
-    """``render(scene, size)`` as a uint8 tensor (3, size, size): the form the image cache stores."""
-    import numpy as np
-
-    arr = np.asarray(render(scene, size), dtype=np.uint8)               # (S, S, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()   # (3, S, S)
 
 
 def _to_float(img_u8: torch.Tensor) -> torch.Tensor:
@@ -186,8 +179,8 @@ class WorldDataset(Dataset):
             scene = self._scenes[seed] = sample_scene(seed, self.min_objects, self.max_objects)
         return scene
 
-    def _rng(self, seed: int, what: str = "") -> _Rng:
-        return _Rng(f"{self.kind}-{what}-{seed}-{self.text_seed}")
+    def _rng(self, seed: int, what: str = "") -> Rng:
+        return Rng(f"{self.kind}-{what}-{seed}-{self.text_seed}")
 
     def _lang(self, lang: str, seed: int) -> str:
         return self._rng(seed, "lang").choice(LANGS) if lang == "both" else lang

@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mmkit.data.userdata import to_rgb
 
 __all__ = ["ImageInputError", "Preprocessed", "open_image", "preprocess_image", "MIN_SIDE", "MAX_PIXELS",
-           "STUDIO_WHITE"]
+           "STUDIO_WHITE", "image_for_model"]
 
 MIN_SIDE = 8                       # pixels: smaller pictures cannot show a 3x3 grid of shapes
 MAX_PIXELS = 50_000_000            # refuse larger pictures (a 6000x6000 photo, 36 MP, is fine; PIL's bomb check
@@ -231,3 +231,14 @@ def preprocess_image(src: Any, size: int = 32, *, work: int = 64, normalise_back
         img = img.resize((size, size), Image.Resampling.BOX)
     t = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
     return Preprocessed(t, img, notes, original, tuple(int(round(c)) for c in bg))
+
+
+def image_for_model(image: Any, size: int) -> torch.Tensor:
+    """(3, size, size) float in [0, 1] for a model that reads ``size`` px images: tensors pass through (checked),
+    anything else (path, PIL image, bytes, array) goes through :func:`preprocess_image`."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or tuple(image.shape) != (3, size, size) or not image.is_floating_point():
+            raise ValueError(f"image tensors must be float (3, {size}, {size}) in [0, 1], got {tuple(image.shape)} "
+                             f"{image.dtype}; pass a PIL image or a path to have it preprocessed")
+        return image
+    return preprocess_image(image, size=size).tensor

@@ -57,7 +57,7 @@ from mmkit.data.world import (
     Box,
     Scene,
     WorldObject,
-    _Rng,
+    Rng,
     object_box,
 )
 
@@ -299,7 +299,7 @@ def relational_captions(scene: Scene, lang: str = "en") -> list[str]:
     blue square" (existential: indefinite articles). The direction (left of / right of) is chosen by
     the scene's seed. Empty for one-object scenes."""
     _check_lang(lang)
-    rng = _Rng(f"relational-{scene.seed}-{lang}")
+    rng = Rng(f"relational-{scene.seed}-{lang}")
     objs = scene.objects
     out = []
     for i in range(len(objs)):
@@ -327,7 +327,7 @@ CAPTION_STYLES: tuple[str, ...] = (
     "colour_shape",  # "a red circle and a blue square" (colour + shape only)
     "shape_count",   # "two circles and one square" (shape counts only)
 )
-_FULL = ("size", "colour", "shape")
+FULL_ATTRIBUTES = ("size", "colour", "shape")
 
 
 def _join_en(items: Sequence[str], sep: str = ", ") -> str:
@@ -358,29 +358,29 @@ def caption(scene: Scene, style: str = "full", lang: str = "en") -> str:
     """One caption of the given ``style`` (see ``CAPTION_STYLES``); no final punctuation."""
     _check_lang(lang)
     ordered = reading_order(scene)
-    shuffled = _Rng(f"caption-{scene.seed}-{lang}").shuffle(list(scene.objects))
+    shuffled = Rng(f"caption-{scene.seed}-{lang}").shuffle(list(scene.objects))
     n = len(scene.objects)
     if lang == "en":
         if style == "full":
-            return _join_en([noun_phrase_en(o, _FULL + ("position",), "a") for o in ordered])
+            return _join_en([noun_phrase_en(o, FULL_ATTRIBUTES + ("position",), "a") for o in ordered])
         if style == "full_alt":
-            parts = [f"{POSITION_PHRASE_EN[o.position]} there is {noun_phrase_en(o, _FULL, 'a')}" for o in ordered]
+            parts = [f"{POSITION_PHRASE_EN[o.position]} there is {noun_phrase_en(o, FULL_ATTRIBUTES, 'a')}" for o in ordered]
             return _join_en(parts, sep=", ") if n < 3 else ", ".join(parts[:-1]) + ", and " + parts[-1]
         if style == "count_intro":
             head = f"{NUMBER_WORDS_EN[n]} shape{'s' if n > 1 else ''} on a white background"
-            return head + ": " + _join_en([noun_phrase_en(o, _FULL, "a") for o in shuffled])
+            return head + ": " + _join_en([noun_phrase_en(o, FULL_ATTRIBUTES, "a") for o in shuffled])
         if style == "colour_shape":
             return _join_en([noun_phrase_en(o, ("colour", "shape"), "a") for o in shuffled])
         if style == "shape_count":
             return _join_en([f"{NUMBER_WORDS_EN[k]} {SHAPE_PLURAL_EN[s] if k > 1 else s}" for s, k in _shape_counts(scene)])
     else:
         if style == "full":
-            return "，".join(f"{POSITIONS_ZH[o.position]}有一个{noun_phrase_zh(o, _FULL)}" for o in ordered)
+            return "，".join(f"{POSITIONS_ZH[o.position]}有一个{noun_phrase_zh(o, FULL_ATTRIBUTES)}" for o in ordered)
         if style == "full_alt":
-            return "，".join(f"一个{noun_phrase_zh(o, _FULL)}位于{POSITIONS_ZH[o.position]}" for o in ordered)
+            return "，".join(f"一个{noun_phrase_zh(o, FULL_ATTRIBUTES)}位于{POSITIONS_ZH[o.position]}" for o in ordered)
         if style == "count_intro":
             return (f"白色背景上有{NUMBER_WORDS_ZH[n]}个物体：" if n > 1 else "白色背景上有一个物体：") + _join_zh(
-                [f"一个{noun_phrase_zh(o, _FULL)}" for o in shuffled])
+                [f"一个{noun_phrase_zh(o, FULL_ATTRIBUTES)}" for o in shuffled])
         if style == "colour_shape":
             return _join_zh([f"一个{noun_phrase_zh(o, ('colour', 'shape'))}" for o in shuffled])
         if style == "shape_count":
@@ -460,7 +460,7 @@ def questions(scene: Scene, lang: str = "en") -> list[QA]:
     # Existence: each present colour+shape (yes) and as many absent ones (no), chosen by the seed.
     present = sorted({(o.colour, o.shape) for o in objs}, key=lambda cs: (COLOURS.index(cs[0]), SHAPES.index(cs[1])))
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-    absent = _Rng(f"existence-{scene.seed}").sample(absent, len(present))
+    absent = Rng(f"existence-{scene.seed}").sample(absent, len(present))
     for (c, s), exists in [(cs, True) for cs in present] + [(cs, False) for cs in absent]:
         if en:
             add(f"is there {_article(c)} {c} {s}?", "yes" if exists else "no", "existence")
@@ -486,7 +486,7 @@ def questions(scene: Scene, lang: str = "en") -> list[QA]:
 def sample_question(scene: Scene, lang: str = "en", seed: int | str = 0, qtypes: Sequence[str] | None = None) -> QA:
     """One question: a question type uniformly among those available (optionally restricted to
     ``qtypes``), then a question of that type uniformly. Deterministic in (scene, lang, seed)."""
-    rng = _Rng(f"qa-{scene.seed}-{lang}-{seed}")
+    rng = Rng(f"qa-{scene.seed}-{lang}-{seed}")
     by_type: dict[str, list[QA]] = {}
     for qa in questions(scene, lang):
         if qtypes is None or qa.qtype in qtypes:
@@ -553,7 +553,7 @@ def product_description(scene: Scene, lang: str = "en") -> str:
     summary (all true), and one or two closing sentences of generic praise that state no visual fact.
     Wording is drawn from a generator seeded by the scene seed."""
     _check_lang(lang)
-    rng = _Rng(f"description-{scene.seed}-{lang}")
+    rng = Rng(f"description-{scene.seed}-{lang}")
     n = len(scene.objects)
     objs = rng.shuffle(list(scene.objects))
     counts = _shape_counts(scene)
@@ -561,7 +561,7 @@ def product_description(scene: Scene, lang: str = "en") -> str:
         n_phrase = f"{NUMBER_WORDS_EN[n]} object{'s' if n > 1 else ''}"
         sents = [rng.choice(_OPEN_EN).format(n=n_phrase, verb_n="are" if n > 1 else "is")]
         for o in objs:
-            a = noun_phrase_en(o, _FULL, "a")
+            a = noun_phrase_en(o, FULL_ATTRIBUTES, "a")
             at = POSITION_PHRASE_EN[o.position]
             sents.append(rng.choice(_OBJ_EN).format(A=_cap(a), a=a, at=at, At=_cap(at)))
         sents.append(_colour_summary(scene, lang))
@@ -573,7 +573,7 @@ def product_description(scene: Scene, lang: str = "en") -> str:
     n_phrase = f"{NUMBER_WORDS_ZH[n]}个物体" if n > 1 else "一个物体"
     sents = [rng.choice(_OPEN_ZH).format(n=n_phrase)]
     for o in objs:
-        sents.append(rng.choice(_OBJ_ZH).format(pos=POSITIONS_ZH[o.position], np=noun_phrase_zh(o, _FULL)))
+        sents.append(rng.choice(_OBJ_ZH).format(pos=POSITIONS_ZH[o.position], np=noun_phrase_zh(o, FULL_ATTRIBUTES)))
     sents.append(_colour_summary(scene, lang))
     if n > 1:
         sents.append("一共有" + _join_zh([f"{NUMBER_WORDS_ZH[k]}个{SHAPES_ZH[s]}" for s, k in counts]) + "。")
@@ -584,10 +584,10 @@ def product_description(scene: Scene, lang: str = "en") -> str:
 # --------------------------------------------------------------------------------------------------
 # Chinese poems with M6's format constraints (M6 §4.5)
 # --------------------------------------------------------------------------------------------------
-_COLOUR_1 = {"red": "红", "green": "绿", "blue": "蓝", "yellow": "黄", "purple": "紫", "orange": "橙"}
-_SHAPE_1 = {"circle": "圆", "square": "方", "triangle": "角"}
-_SIZE_2 = {"small": "小小", "large": "大大"}
-_POSITION_2 = {
+POEM_COLOUR = {"red": "红", "green": "绿", "blue": "蓝", "yellow": "黄", "purple": "紫", "orange": "橙"}
+POEM_SHAPE = {"circle": "圆", "square": "方", "triangle": "角"}
+POEM_SIZE = {"small": "小小", "large": "大大"}
+POEM_POSITION = {
     "top left": "左上", "top": "正上", "top right": "右上", "left": "左侧", "center": "中央",
     "right": "右侧", "bottom left": "左下", "bottom": "正下", "bottom right": "右下",
 }
@@ -606,11 +606,11 @@ def poem(scene: Scene, line_chars: int = 5) -> str:
     "小小红圆居左上"), padded with scenic lines that state no visual fact ("白底映清光")."""
     if line_chars not in (5, 7):
         raise ValueError(f"line_chars must be 5 or 7 (M6 §4.5 format constraints), got {line_chars}")
-    rng = _Rng(f"poem-{scene.seed}-{line_chars}")
+    rng = Rng(f"poem-{scene.seed}-{line_chars}")
     lines = []
     for o in reading_order(scene):
-        core = _COLOUR_1[o.colour] + _SHAPE_1[o.shape] + rng.choice(_POEM_VERBS) + _POSITION_2[o.position]
-        lines.append(core if line_chars == 5 else _SIZE_2[o.size] + core)
+        core = POEM_COLOUR[o.colour] + POEM_SHAPE[o.shape] + rng.choice(_POEM_VERBS) + POEM_POSITION[o.position]
+        lines.append(core if line_chars == 5 else POEM_SIZE[o.size] + core)
     fillers = rng.shuffle(list(_POEM_FILL_5 if line_chars == 5 else _POEM_FILL_7))
     while len(lines) < 4 or len(lines) % 2:
         lines.append(fillers.pop())
@@ -667,7 +667,7 @@ def pair_statements(left: Scene, right: Scene, lang: str = "en") -> list[PairSta
     combos = sorted({(o.colour, o.shape) for o in left.objects + right.objects},
                     key=lambda cs: (COLOURS.index(cs[0]), SHAPES.index(cs[1])))
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in combos]
-    absent = _Rng(f"pair-absent-{left.seed}-{right.seed}").sample(absent, 2)
+    absent = Rng(f"pair-absent-{left.seed}-{right.seed}").sample(absent, 2)
     for c, s in combos + absent:
         in_l = any(o.colour == c and o.shape == s for o in left.objects)
         in_r = any(o.colour == c and o.shape == s for o in right.objects)
@@ -688,7 +688,7 @@ def pair_statements(left: Scene, right: Scene, lang: str = "en") -> list[PairSta
 def pair_statement(left: Scene, right: Scene, lang: str = "en", seed: int | str = 0) -> PairStatement:
     """One NLVR2 example: the label is a fair coin (True/False balanced), then a statement with that
     label is drawn uniformly from ``pair_statements`` (the other label only if none exists)."""
-    rng = _Rng(f"pair-{left.seed}-{right.seed}-{lang}-{seed}")
+    rng = Rng(f"pair-{left.seed}-{right.seed}-{lang}-{seed}")
     candidates = pair_statements(left, right, lang)
     want = rng.random() < 0.5
     pool = [s for s in candidates if s.label == want] or [s for s in candidates if s.label != want]
@@ -725,7 +725,7 @@ def hypotheses(scene: Scene, lang: str = "en") -> list[Hypothesis]:
     """
     _check_lang(lang)
     en = lang == "en"
-    rng = _Rng(f"hypotheses-{scene.seed}-{lang}")
+    rng = Rng(f"hypotheses-{scene.seed}-{lang}")
     out: list[Hypothesis] = []
     objs = scene.objects
     n = len(objs)
@@ -792,7 +792,7 @@ def hypotheses(scene: Scene, lang: str = "en") -> list[Hypothesis]:
 
 def sample_hypothesis(scene: Scene, lang: str = "en", seed: int | str = 0) -> Hypothesis:
     """One SNLI-VE example with a uniformly drawn label (balanced over ``ENTAILMENT_LABELS``)."""
-    rng = _Rng(f"ve-{scene.seed}-{lang}-{seed}")
+    rng = Rng(f"ve-{scene.seed}-{lang}-{seed}")
     by_label: dict[str, list[Hypothesis]] = {}
     for h in hypotheses(scene, lang):
         by_label.setdefault(h.label, []).append(h)
@@ -814,3 +814,64 @@ def scene_texts(scene: Scene, lang: str = "en") -> list[str]:
     if lang == "zh":
         texts += [poem(scene, 5), poem(scene, 7)]
     return texts
+
+
+# --------------------------------------------------------------------------------------------------
+# Questions about a product description, with long answers (M6 §4.4 text QA)
+# --------------------------------------------------------------------------------------------------
+DESCRIPTION_QA_KINDS: tuple[str, ...] = ("contents", "where")
+
+
+class DescriptionQA(NamedTuple):
+    context: str          # the scene's English product description
+    question: str         # "what is in this set" / "where is the red circle" (no question mark)
+    answer: str           # the long reference answer
+    kind: str             # "contents" (every object, ~20-40 tokens) or "where" (one object)
+    scene: Scene
+
+
+def description_order(scene: Scene, description: str) -> list[WorldObject]:
+    """The scene's objects in the order the product description mentions them (one sentence each)."""
+    import re
+
+    sents = [s.lower() for s in re.split(r"(?<=[.!?])\s+", description)]
+    where = {}
+    for o in scene.objects:
+        np_, at = noun_phrase_en(o, FULL_ATTRIBUTES, "a").split(" ", 1)[1], POSITION_PHRASE_EN[o.position]
+        pat = re.compile(re.escape(at) + r"(?! left| right)\b")
+        where[id(o)] = next((k for k, s in enumerate(sents) if np_ in s and pat.search(s)), len(sents))
+    return sorted(scene.objects, key=lambda o: where[id(o)])
+
+
+def description_question(scene: Scene, kind: str = "contents", index: int = 0) -> DescriptionQA:
+    """A question about ``scene``'s English product description with a long answer (M6 §4.4).
+
+    contents: "what is in this set" -> "this set has a small red circle at the top left, ... and a large blue
+    square in the center." (objects in the order the description gives them); where: "where is the red circle"
+    -> "the red circle is at the top left, and it is small." (object ``index``).
+    """
+    if kind not in DESCRIPTION_QA_KINDS:
+        raise ValueError(f"unknown QA kind {kind!r}; use one of {DESCRIPTION_QA_KINDS}")
+    context = product_description(scene, "en")
+    if kind == "contents":
+        question = "what is in this set"
+        objs = description_order(scene, context)
+        answer = "this set has " + _join_en([noun_phrase_en(o, FULL_ATTRIBUTES + ("position",), "a")
+                                             for o in objs]) + "."
+    else:
+        index = index % len(scene.objects)
+        o, ref = scene.objects[index], referring_expression(scene, index, "en")
+        question = f"where is {ref}"
+        answer = f"{ref} is {POSITION_PHRASE_EN[o.position]}, and it is {o.size}."
+    return DescriptionQA(context, question, answer, kind, scene)
+
+
+def answer_facts(answer: str, scene: Scene) -> float:
+    """Fraction of the scene's objects whose full fact (size, colour, shape, position: "a small red circle at the
+    top left") the answer states: the *content* of a "contents" answer, whatever its order and wording around it."""
+    import re
+
+    a = answer.lower()
+    hits = sum(bool(re.search(re.escape(noun_phrase_en(o, FULL_ATTRIBUTES + ("position",), "a").split(" ", 1)[1])
+                              + r"(?! left| right)\b", a)) for o in scene.objects)
+    return hits / len(scene.objects)

@@ -189,7 +189,7 @@ class Box(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------------
-class _Rng:
+class Rng:
     """A tiny wrapper over ``random.Random`` that only ever calls ``random()``.
 
     ``random.Random.random()`` is the one stream Python promises to keep identical across versions;
@@ -224,7 +224,7 @@ class _Rng:
         return self.shuffle(list(seq))[:k]
 
 
-def _jitter_colour(colour: str, rng: _Rng) -> tuple[int, int, int]:
+def _jitter_colour(colour: str, rng: Rng) -> tuple[int, int, int]:
     r, g, b = (c / 255 for c in BASE_RGB[colour])
     h, s, v = colorsys.rgb_to_hsv(r, g, b)
     h = (h + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
@@ -238,7 +238,7 @@ def make_object(
     colour: str,
     size: str,
     position: str,
-    rng: _Rng | None = None,
+    rng: Rng | None = None,
 ) -> WorldObject:
     """Build one object. Without ``rng`` it sits exactly at its cell centre with the mid size and base
     colour (handy for hand-made test scenes); with ``rng`` position, size and hue are jittered."""
@@ -277,7 +277,7 @@ def sample_scene(seed: int, min_objects: int = 1, max_objects: int = 3) -> Scene
             f"need 1 <= min_objects <= max_objects <= {len(POSITIONS)} (one object per grid cell), "
             f"got min_objects={min_objects}, max_objects={max_objects}"
         )
-    rng = _Rng(seed)
+    rng = Rng(seed)
     n = rng.randint(min_objects, max_objects)
     positions = rng.sample(POSITIONS, n)
     objects = tuple(
@@ -445,3 +445,17 @@ def scenes_per_second(size: int = 64, n: int = 300, seed: int = 0, max_objects: 
         render(sample_scene(s, max_objects=max_objects), size)
     dt = time.perf_counter() - t0
     return RenderSpeed(n / dt, size, n)
+
+
+def object_labels(scenes: Sequence[Scene]) -> "torch.Tensor":
+    """(B, 9, 3) long: for each grid cell (``POSITIONS`` order) the index + 1 of the colour, shape and size of the
+    object in it, 0 for an empty cell: targets for probing what an image encoder tells apart (M6 §3.1 stage 0,
+    VLMo §4.5 image-only use)."""
+    import torch
+
+    out = torch.zeros(len(scenes), len(POSITIONS), 3, dtype=torch.long)
+    for b, scene in enumerate(scenes):
+        for o in scene.objects:
+            out[b, POSITIONS.index(o.position)] = torch.tensor(
+                [COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1])
+    return out

@@ -5,14 +5,14 @@ and the ``m6-tiny-pretrained`` recipe.
     run = pretrain(model, cfg, TrainConfig(steps=1000, batch_size=64, lr=3e-3))   # stage 0, then the four tasks
     run.result.history[-1]["image_captioning"]                   # the loss of each task, every step
     run.evaluator(model)   # {"caption_token_acc": .., "attr_acc": .., "image_gap": .., "val_text_denoising": .., ...}
-    model = mmkit.hub.load("m6-tiny-pretrained")                 # the shipped result of the recipe below
+    model = mmkit.load("m6-tiny-pretrained")                     # the shipped result (mmkit.m6.recipes)
 
     # the pieces: data + batch_fn, the loss, the evaluator, stage 0
     data = PretrainData.build(cfg, tok, "train")                 # tokenized passages + captions, cached images
     pretrain_feature_extractor(model, data)                      # stage 0: a trained feature extractor (M6 §3.1)
     train(model, pretrain_loss, data.batch_fn, TrainConfig(...), eval_fn=PretrainEvaluator(val_data))
 
-The four tasks (M6 §3.3, built by :mod:`mmkit.masking`) and the data each one reads:
+The four tasks (M6 §3.3, built by :mod:`mmkit.m6.masking`) and the data each one reads:
 
 =========================  ====================================  ==========================================
 task                       encoder side (bidirectional)          data
@@ -41,24 +41,27 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from mmkit.masking import (IGNORE_INDEX, SpecialIds, TaskExample, collate, image_captioning, language_modeling,
-                           multimodal_to_text, text_denoising)
-from mmkit.recipes import recipe
+from mmkit.data.datasets import ImageTextDataset, TextOnlyDataset
+from mmkit.data.world import object_labels
+from mmkit.evaluation.captioning import attribute_scores, word_categories
+from mmkit.generation import first_token_language
+from mmkit.m6.masking import (IGNORE_INDEX, TaskExample, collate, image_captioning, language_modeling,
+                              multimodal_to_text, text_denoising)
+from mmkit.m6.model import IMAGE_SIDE, GridProbe
+from mmkit.objectives.lm import token_log_probs
+from mmkit.tokenizer import SpecialIds, decode_rows, pad_texts, world_tokenizer
+from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
 
 __all__ = [
     "TASKS", "TEXT_TASKS", "IMAGE_TASKS", "PretrainConfig", "PretrainData", "task_counts", "task_order",
-    "pretrain_loss", "task_losses", "TaskLosses", "PretrainEvaluator", "caption_mentions", "attribute_scores",
-    "generate_captions", "generate_texts", "fill_masks", "first_token_language", "language_token_mask",
-    "caption_word_accuracy", "word_categories", "pretrain", "PretrainRun", "RECIPE_TRAIN",
-    "RECIPE_TRAIN_FAST", "recipe_configs", "object_labels", "pretrain_feature_extractor", "ExtractorRun",
-    "image_side_param_groups",
+    "pretrain_loss", "task_losses", "TaskLosses", "PretrainEvaluator", "generate_captions", "generate_texts",
+    "fill_masks", "caption_word_accuracy", "pretrain", "PretrainRun", "RECIPE_TRAIN", "RECIPE_TRAIN_FAST",
+    "recipe_configs", "pretrain_feature_extractor", "ExtractorRun",
 ]
 
 # M6 §3.3: text-to-text (denoising, language modelling), image-to-text, multimodality-to-text.
@@ -224,11 +227,8 @@ class PretrainData:
         ``n_pairs`` / ``n_texts`` override the config's sizes (the evaluator reads ``n_val`` / ``n_val_texts``
         from the val split); ``n_visual`` defaults to the grid of ``config.image_size`` / 8 (the m6-tiny extractor).
         """
-        from mmkit.data.datasets import ImageTextDataset, TextOnlyDataset
-        from mmkit.tokenizer import load_tokenizer
-
         c = config
-        tok = tokenizer if tokenizer is not None else load_tokenizer("world")
+        tok = tokenizer if tokenizer is not None else world_tokenizer()
         special = SpecialIds.from_tokenizer(tok)
         n_pairs = c.n_pairs if n_pairs is None else n_pairs
         n_texts = c.n_texts if n_texts is None else n_texts
@@ -277,6 +277,10 @@ class PretrainData:
     def image(self, index: int) -> torch.Tensor:
         """float32 (3, S, S) in [0, 1] of pair ``index``."""
         return self.pair_images[index].float().div_(255.0)
+
+    def images(self, indices) -> torch.Tensor:
+        """float32 (b, 3, S, S) in [0, 1] of the given pairs."""
+        return self.pair_images[list(indices)].float().div_(255.0)
 
     def batch_fn(self, generator: torch.Generator, batch_size: int) -> dict:
         """A global batch for :func:`mmkit.train.train`: ``task_counts`` examples per task, interleaved.
@@ -341,13 +345,11 @@ def _groups(batch: dict) -> list[tuple[str, list[int]]]:
 def task_losses(model, batch: dict) -> TaskLosses:
     """Run a :meth:`PretrainData.batch_fn` batch through M6 and take every task's loss apart.
 
-    The rows of each task are collated separately (:func:`mmkit.masking.collate`) and run as one forward pass
+    The rows of each task are collated separately (:func:`mmkit.m6.masking.collate`) and run as one forward pass
     per task: the same numbers as one mixed batch (padding never changes a real token's output) with far less
     padding (language modelling rows need no encoder slots, text rows no visual slots, ...). ``model`` may be
     DDP-wrapped (it is called, not reached into).
     """
-    from mmkit.train import unwrap
-
     raw = unwrap(model)
     pad = raw.config.pad_token_id
     dev = raw.wte.weight.device
@@ -365,12 +367,10 @@ def task_losses(model, batch: dict) -> TaskLosses:
         images = batch["images"][rows].to(dev) if exs[0].n_visual else None
         out = model(images, tb.encoder_ids.to(dev), tb.decoder_input_ids.to(dev), None, mask=tb.mask.to(dev))
         labels = tb.labels.to(dev)                                                # (b, Wd)
-        logits = out.logits.float()                                               # (b, Wd, V)
-        ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (b, Wd)
         valid = labels != IGNORE_INDEX
         n_tok = valid.sum(1)                                                      # (b,)
-        row_sum = ce.sum(1)                                                       # (b,)
-        hit = ((logits.argmax(-1) == labels) & valid).sum(1)                      # (b,)
+        row_sum = -token_log_probs(out.logits, labels).sum(1)                     # (b,) summed token CE
+        hit = ((out.logits.argmax(-1) == labels) & valid).sum(1)                  # (b,)
         row_loss[rows] = row_sum / n_tok.clamp(min=1)
         sums[task] = row_sum.sum()                                                # every row of a group: one task
         tokens[task], correct[task], examples[task] = int(n_tok.sum()), int(hit.sum()), len(rows)
@@ -395,89 +395,6 @@ def pretrain_loss(model, batch: dict):
 # Generation helpers and caption attributes
 # ---------------------------------------------------------------------------------------------------------
 
-def _colour_shape_patterns():
-    from mmkit.data.world import COLOURS, COLOURS_ZH, SHAPES, SHAPES_ZH
-
-    en = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
-    zh = re.compile("(" + "|".join(COLOURS_ZH.values()) + ")(" + "|".join(SHAPES_ZH.values()) + ")")
-    inv_c = {v: k for k, v in COLOURS_ZH.items()}
-    inv_s = {v: k for k, v in SHAPES_ZH.items()}
-    return en, zh, inv_c, inv_s
-
-
-def caption_mentions(text: str) -> list[tuple[str, str]]:
-    """Every (colour, shape) a caption names, in English names: "a small red circle and 一个大的蓝色正方形" ->
-    [("red", "circle"), ("blue", "square")]. Words without both (e.g. "two circles") name nothing."""
-    en, zh, inv_c, inv_s = _colour_shape_patterns()
-    found = [(m.start(), m.group(1), m.group(2)) for m in en.finditer(text.lower())]
-    found += [(m.start(), inv_c[m.group(1)], inv_s[m.group(2)]) for m in zh.finditer(text)]
-    return [(c, s) for _, c, s in sorted(found)]
-
-
-def attribute_scores(captions: Sequence[str], scenes) -> dict[str, float]:
-    """Caption attribute accuracy against the scenes' objects (multiset matching of (colour, shape)).
-
-    ``attr_acc``: fraction of objects whose colour and shape are both named (recall); ``attr_precision``:
-    fraction of named (colour, shape) that are in the scene (hallucinations lower it); ``exact_objects``:
-    fraction of captions naming exactly the scene's multiset of (colour, shape).
-    """
-    from collections import Counter
-
-    objects = matched = mentioned = exact = 0
-    for text, scene in zip(captions, scenes):
-        truth = Counter((o.colour, o.shape) for o in scene.objects)
-        named = Counter(caption_mentions(text))
-        hit = sum((truth & named).values())
-        objects += sum(truth.values())
-        mentioned += sum(named.values())
-        matched += hit
-        exact += int(truth == named)
-    return {"attr_acc": matched / max(objects, 1), "attr_precision": matched / max(mentioned, 1),
-            "exact_objects": exact / max(len(captions), 1)}
-
-
-def _decode_rows(tok, seqs: torch.Tensor, eos_id: int) -> list[str]:
-    from mmkit.tokenizer import decode
-
-    out = []
-    for row in seqs.tolist():
-        if eos_id in row:
-            row = row[:row.index(eos_id)]
-        out.append(decode(tok, row))
-    return out
-
-
-_LANG_TOKENS: dict = {}
-
-
-def language_token_mask(tok, lang: str, vocab_size: int) -> torch.Tensor:
-    """(vocab_size,) bool: tokens that can start a text in ``lang`` ("en": Latin letters, "zh": Chinese characters)."""
-    key = (id(tok), lang, vocab_size)
-    if key not in _LANG_TOKENS:
-        cjk = re.compile(r"[\u4e00-\u9fff]")
-        ok = torch.zeros(vocab_size, dtype=torch.bool)
-        special = set(tok.all_special_ids)
-        for t, i in tok.get_vocab().items():
-            if i >= vocab_size or i in special:
-                continue
-            ok[i] = bool(cjk.search(t)) if lang == "zh" else (t.isascii() and t.isalpha())
-        _LANG_TOKENS[key] = ok
-    return _LANG_TOKENS[key]
-
-
-def first_token_language(tok, langs: Sequence[str | None], vocab_size: int):
-    """A ``logits_processor`` for :meth:`M6Model.generate` that makes row ``b`` start in ``langs[b]`` ("en", "zh"
-    or None = free). Only the first token is constrained; the model goes on in the language it started."""
-    masks = torch.stack([language_token_mask(tok, lang, vocab_size) if lang
-                         else torch.ones(vocab_size, dtype=torch.bool) for lang in langs])   # (B, V)
-
-    def process(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if ids.shape[1]:
-            return logits
-        return logits.masked_fill(~masks.to(logits.device), float("-inf"))
-    return process
-
-
 @torch.no_grad()
 def generate_captions(model, images: torch.Tensor, tok, max_new_tokens: int = 48, batch_size: int = 128,
                       lang: str | Sequence[str | None] | None = None, **generate_kw) -> list[str]:
@@ -492,7 +409,7 @@ def generate_captions(model, images: torch.Tensor, tok, max_new_tokens: int = 48
         proc = first_token_language(tok, langs[i:i + batch_size], model.config.vocab_size)
         seqs = model.generate(images[i:i + batch_size], None, max_new_tokens, logits_processor=proc,
                               **generate_kw).sequences
-        out += _decode_rows(tok, seqs, model.config.eos_token_id)
+        out += decode_rows(tok, seqs, model.config.eos_token_id)
     return out
 
 
@@ -506,7 +423,7 @@ def generate_texts(model, tok, n: int = 4, max_new_tokens: int = 48, *, lang: st
     seqs = model.generate(None, enc, max_new_tokens, do_sample=do_sample, top_k=top_k, temperature=temperature,
                           generator=g, logits_processor=first_token_language(tok, [lang] * n,
                                                                              model.config.vocab_size)).sequences
-    return _decode_rows(tok, seqs, model.config.eos_token_id)
+    return decode_rows(tok, seqs, model.config.eos_token_id)
 
 
 @torch.no_grad()
@@ -514,37 +431,9 @@ def fill_masks(model, tok, texts: Sequence[str], images: torch.Tensor | None = N
                max_new_tokens: int = 48) -> list[str]:
     """Text denoising / multimodality-to-text at inference: ``texts`` with "[MASK]" where spans are missing
     (each [MASK] may stand for several words) -> the whole text, regenerated greedily (with ``images``, if given)."""
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    pad = model.config.pad_token_id
-    enc = torch.full((len(ids), max(len(x) for x in ids)), pad, dtype=torch.long)
-    for i, x in enumerate(ids):
-        enc[i, :len(x)] = torch.tensor(x)
+    enc = pad_texts(tok, texts, model.config.max_text_len, model.config.pad_token_id)
     seqs = model.generate(images, enc, max_new_tokens).sequences
-    return _decode_rows(tok, seqs, model.config.eos_token_id)
-
-
-def word_categories(tokens: Sequence[str]) -> list[str]:
-    """What each token of a caption names: "colour", "shape", "size", "position" or "other".
-
-    English attribute words are whole tokens. Chinese ones are characters, some shared
-    (正 in 正方形 and 正上方, 三 in 三角形 and 三个), so Chinese words are found as spans:
-    the characters of 圆形 / 正方形 / 三角形 (except the common 形) are "shape",
-    those of a position (左上方 -> 左上, 中间, ...; 方 excepted) "position".
-    """
-    from mmkit.data.world import COLOURS, COLOURS_ZH, POSITIONS_ZH, SHAPES, SIZES, SIZES_ZH, SHAPES_ZH
-
-    en = {**{w: "colour" for w in COLOURS}, **{w: "shape" for w in SHAPES}, **{w: "size" for w in SIZES},
-          **{w: "position" for w in ("top", "bottom", "left", "right", "center")}}
-    zh_single = {**{c[0]: "colour" for c in COLOURS_ZH.values()}, **{c: "size" for c in SIZES_ZH.values()}}
-    spans = [(w, "shape") for w in SHAPES_ZH.values()] + [(w, "position") for w in POSITIONS_ZH.values()]
-    out = [en.get(t, zh_single.get(t, "other")) for t in tokens]
-    for i in range(len(tokens)):
-        for word, cat in spans:
-            if "".join(tokens[i:i + len(word)]) == word:
-                for j in range(i, i + len(word)):
-                    if tokens[j] not in ("形", "方"):
-                        out[j] = cat
-    return out
+    return decode_rows(tok, seqs, model.config.eos_token_id)
 
 
 @torch.no_grad()
@@ -589,10 +478,8 @@ class PretrainEvaluator:
     """
 
     def __init__(self, data: PretrainData, tokenizer=None, generate: bool = True, n_generate: int | None = None):
-        from mmkit.tokenizer import load_tokenizer
-
         self.data = data
-        self.tok = tokenizer if tokenizer is not None else load_tokenizer("world")
+        self.tok = tokenizer if tokenizer is not None else world_tokenizer()
         self.generate = generate
         c = data.config
         self.n_generate = min(c.n_val_generate if n_generate is None else n_generate, len(data.pair_ids))
@@ -620,9 +507,7 @@ class PretrainEvaluator:
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             out = self.caption_metrics(model)
             out["val_image_captioning"] = out["caption_loss"]
             for task, b in self.task_batches.items():
@@ -636,27 +521,12 @@ class PretrainEvaluator:
                 self.last_captions = generate_captions(model, imgs, self.tok, self.data.config.max_new_tokens,
                                                        lang=[self.data.pair_langs[i] for i in idx])
                 out.update(attribute_scores(self.last_captions, [self.data.pair_scenes[i] for i in idx]))
-        finally:
-            model.train(was_training)
         return out
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage 0: a trained feature extractor (M6 §3.1)
 # ---------------------------------------------------------------------------------------------------------
-
-def object_labels(scenes) -> torch.Tensor:
-    """(B, 9, 3) long: for each world grid cell (``POSITIONS`` order) the index + 1 of the colour, shape and size
-    of the object in it, 0 for an empty cell."""
-    from mmkit.data.world import COLOURS, POSITIONS, SHAPES, SIZES
-
-    out = torch.zeros(len(scenes), len(POSITIONS), 3, dtype=torch.long)
-    for b, scene in enumerate(scenes):
-        for o in scene.objects:
-            out[b, POSITIONS.index(o.position)] = torch.tensor(
-                [COLOURS.index(o.colour) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1])
-    return out
-
 
 class ExtractorRun(NamedTuple):
     losses: list            # training loss of each step
@@ -667,69 +537,42 @@ class ExtractorRun(NamedTuple):
 def pretrain_feature_extractor(model, data: PretrainData, steps: int = 1000, batch_size: int = 64, lr: float = 4e-3,
                                seed: int = 0, n_heldout: int = 256) -> ExtractorRun:
     """Train the image side of ``model`` (feature extractor, patch projection, 2-D positions: ``embed_images``) to
-    name the object in every grid cell: colour, shape and size, or empty (cross-entropy, a linear head on the
-    flattened visual tokens that is thrown away afterwards).
+    name the object in every grid cell: colour, shape and size, or empty (a :class:`GridProbe` head, thrown away
+    afterwards), through the kit's one training loop.
 
     M6 §3.1 reads patch features from a *trained* ResNet-50 (ImageNet); the world has no such network, so this
     stage stands in for that supervised pretraining. Without it the tiny M6 learned positions and sizes from
     the pixels but stayed at chance on colour words for 1,200 multitask steps (measured; PretrainConfig notes). The
     last ``n_heldout`` pairs are held out for the reported accuracy; ``model`` is left in its previous mode.
     """
-    import torch.nn as nn
-    from mmkit.train import unwrap
-
     raw = unwrap(model)
     t0 = time.perf_counter()
     n = len(data.pair_ids)
     n_train = n - min(n_heldout, n // 4)
     labels = object_labels(data.pair_scenes)                                   # (N, 9, 3)
-    sizes = (7, 4, 3)                                                          # colours, shapes, sizes (+ empty)
-    dim = raw.num_visual_tokens * raw.config.d_model
-    g = torch.Generator().manual_seed(seed)
-    head = nn.Linear(dim, labels.shape[1] * sum(sizes))
-    params = [p for n_, p in raw.named_parameters() if n_.startswith(("feature_extractor.", "patch_proj.",
-                                                                      "pos_emb_2d.", "segment_emb."))]
-    opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.0)
+    torch.manual_seed(seed)
+    probe = GridProbe(raw, n_cells=labels.shape[1])
+
+    def batch_fn(g: torch.Generator, b: int) -> dict:
+        idx = torch.randint(n_train, (b,), generator=g)
+        return {"images": torch.stack([data.image(int(i)) for i in idx]), "labels": labels[idx]}
+
     was_training = raw.training
-    raw.train()
-
-    def logits_of(idx):
-        v = raw.embed_images(torch.stack([data.image(int(i)) for i in idx]))   # (b, N, D)
-        return head(v.flatten(1)).view(len(idx), labels.shape[1], sum(sizes))  # (b, 9, 14)
-
-    def loss_of(out, y):
-        parts = out.split(sizes, dim=-1)
-        return sum(F.cross_entropy(p.reshape(-1, k), y[..., j].reshape(-1))
-                   for j, (p, k) in enumerate(zip(parts, sizes)))
-
-    losses = []
-    for step in range(steps):
-        idx = torch.randint(n_train, (batch_size,), generator=g)
-        lr_now = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr_now
-        loss = loss_of(logits_of(idx), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    raw.eval()
-    acc = {}
-    with torch.no_grad():
-        idx = torch.arange(n_train, n)
-        parts = logits_of(idx).split(sizes, dim=-1)
-        y = labels[idx]
-        occupied = y[..., 0] > 0
-        for j, name in enumerate(("colour", "shape", "size")):
-            acc[name] = float((parts[j].argmax(-1) == y[..., j])[occupied].float().mean()) if len(idx) else float("nan")
+    # AdamW without weight decay or clipping, warmup then cosine to 0 (only the image side gets gradients)
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, betas=(0.9, 0.999),
+                       warmup_steps=min(20, steps), min_lr_ratio=0.0, clip_grad_norm=None, mixed_precision="no",
+                       seed=seed, progress_bar=False, log_every=0)
+    result = train(probe, lambda m, b: m.loss(b["images"], b["labels"]), batch_fn, tcfg)
+    with torch.no_grad(), evaluating(probe):
+        acc = probe.accuracy(data.images(range(n_train, n)), labels[n_train:]) if n > n_train else {}
     raw.train(was_training)
     for p in raw.parameters():
         p.grad = None
-    return ExtractorRun(losses, acc, time.perf_counter() - t0)
+    return ExtractorRun([h["loss"] for h in result.history], acc, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training entry point and the recipe
+# Training entry point
 # ---------------------------------------------------------------------------------------------------------
 
 class PretrainRun(NamedTuple):
@@ -749,11 +592,8 @@ def pretrain(model, config: PretrainConfig, train_config, tokenizer=None, evalua
     Builds the train data (unless ``data`` is given) and a val :class:`PretrainEvaluator` (unless ``evaluator`` is
     given); ``train_kw`` go to :func:`mmkit.train.train` (e.g. ``resume_from``, ``stop_at``).
     """
-    from mmkit.tokenizer import load_tokenizer
-    from mmkit.train import train, unwrap
-
     t0, c0 = time.perf_counter(), time.process_time()
-    tok = tokenizer if tokenizer is not None else load_tokenizer("world")
+    tok = tokenizer if tokenizer is not None else world_tokenizer()
     nv = unwrap(model).num_visual_tokens
     if unwrap(model).config.image_size != config.image_size:
         raise ValueError(f"PretrainConfig.image_size={config.image_size} but the model takes "
@@ -768,34 +608,10 @@ def pretrain(model, config: PretrainConfig, train_config, tokenizer=None, evalua
         stage0 = pretrain_feature_extractor(model, data, steps=config.extractor_steps, lr=config.extractor_lr,
                                             seed=train_config.seed)
     if config.extractor_lr_scale != 1.0 and "param_groups_fn" not in train_kw:
-        train_kw["param_groups_fn"] = lambda m: image_side_param_groups(m, train_config, config.extractor_lr_scale)
+        train_kw["param_groups_fn"] = lambda m: scaled_param_groups(
+            m, train_config.weight_decay, train_config.lr, {p: config.extractor_lr_scale for p in IMAGE_SIDE})
     result = train(model, pretrain_loss, data.batch_fn, train_config, eval_fn=evaluator, **train_kw)
     return PretrainRun(model, result, evaluator, data, stage0, time.process_time() - c0, time.perf_counter() - t0)
-
-
-def _is_image_side(name: str) -> bool:
-    return name.startswith(("feature_extractor.", "patch_proj.", "pos_emb_2d."))
-
-
-def image_side_param_groups(model, train_config, scale: float) -> list[dict]:
-    """:func:`mmkit.train.default_param_groups` with the image side's LR multiplied by ``scale`` (0: frozen)."""
-    from mmkit.train import default_param_groups, unwrap
-
-    raw = unwrap(model)
-    image_ids = {id(p) for n, p in raw.named_parameters() if _is_image_side(n)}
-    if scale == 0:
-        for n, p in raw.named_parameters():
-            if _is_image_side(n):
-                p.requires_grad_(False)
-    out = []
-    for g in default_param_groups(raw, train_config.weight_decay):
-        img = [p for p in g["params"] if id(p) in image_ids]
-        rest = [p for p in g["params"] if id(p) not in image_ids]
-        if img:
-            out.append(dict(g, params=img, lr=train_config.lr * scale))
-        if rest:
-            out.append(dict(g, params=rest))
-    return out
 
 
 # The recipe's settings, tuned on 2 CPU cores (CPU-seconds of single-thread runs, with stage 0 and a frozen CNN):
@@ -810,34 +626,7 @@ RECIPE_TRAIN_FAST = dict(RECIPE_TRAIN, steps=200, batch_size=32, warmup_steps=30
 
 def recipe_configs(fast: bool = False):
     """``(PretrainConfig, TrainConfig)`` of the ``m6-tiny-pretrained`` recipe (full or fast path)."""
-    from mmkit.train import TrainConfig
-
     if fast:
         return (PretrainConfig(n_pairs=2000, n_texts=600, n_val=128, n_val_generate=32, extractor_steps=400),
                 TrainConfig(**RECIPE_TRAIN_FAST))
     return PretrainConfig(), TrainConfig(**RECIPE_TRAIN)
-
-
-@recipe("m6-tiny-pretrained", "M6 tiny pretrained on the four M6 §3.3 tasks (EN + ZH world text and captions)",
-        config="m6-tiny")
-def _train_m6_tiny_pretrained(out_dir: Path, fast: bool) -> dict:
-    import mmkit
-    from mmkit.train import save_checkpoint
-
-    pcfg, tcfg = recipe_configs(fast)
-    torch.manual_seed(tcfg.seed)
-    model = mmkit.build_model(mmkit.load_config("m6-tiny"))
-    run = pretrain(model, pcfg, tcfg)
-    final = run.result.evals[-1] if run.result.evals else run.evaluator(model)
-    save_checkpoint(out_dir, model, step=run.result.step, train_config=tcfg, history=run.result.history,
-                    evals=run.result.evals, extra={"pretrain_config": asdict(pcfg),
-                                                   "mixed_precision": run.result.mixed_precision,
-                                                   "extractor_losses": run.extractor.losses if run.extractor else []})
-    metrics = {k: round(float(v), 4) for k, v in final.items() if k != "step"}
-    if run.extractor is not None:
-        metrics.update({f"extractor_{k}_acc": round(v, 4) for k, v in run.extractor.accuracy.items()})
-    metrics.update(steps=run.result.step, train_seconds=round(run.result.seconds, 1),
-                   cpu_seconds=round(run.cpu_seconds, 1), first_loss=round(run.result.history[0]["loss"], 4),
-                   last_loss=round(run.result.history[-1]["loss"], 4), wall_seconds=round(run.wall_seconds, 1),
-                   torch_threads=torch.get_num_threads())
-    return metrics

@@ -1,4 +1,5 @@
-"""M6-MoE: M6 with Mixture-of-Experts FFN layers (M6 §3.4), its routing statistics, and training on the world.
+"""M6-MoE (M6 §3.4) on the world: routing statistics, capacity, and training. The config :class:`M6MoEConfig` and
+its FFN factory live in :mod:`mmkit.m6.model`; the MoE layer in :mod:`mmkit.nn.moe`.
 
     cfg = mmkit.load_config("m6-tiny-moe")                     # M6MoEConfig: m6-tiny + 8 experts in every other block
     model = mmkit.build_model(cfg)                             # an M6Model whose odd blocks hold MoEFeedForward FFNs
@@ -6,8 +7,8 @@
     moe_layers(model)                                          # {block index: MoEFeedForward}: .last_stats, .last_routing
     mmkit.build_model("scaled/configs/m6_100b.yaml", device="meta")   # M6-100B (Table 4), counted without memory
 
-    # training on the world: the M6 §3.3 four-task data and loss of m6_pretrain, plus routing metrics per step
-    init_image_side(model)                                     # the stage-0 CNN of m6-tiny-pretrained, frozen
+    # training on the world: the M6 §3.3 four-task data and loss of mmkit.m6.tasks.pretrain, plus routing metrics per step
+    init_image_side(model, mmkit.load("m6-tiny-pretrained"))   # the stage-0 CNN of the pretrained M6, frozen
     run = pretrain_moe(model, data, TrainConfig(steps=300, batch_size=32, lr=3e-3))
     run.result.history[-1]["load_cv/1"]                        # how uneven block 1's expert loads were at that step
 
@@ -25,7 +26,7 @@ count itself supports "every other layer". Also assumed: capacity factor 1.25 an
 (Switch's training values), no biases in the experts (Switch).
 
 Losses. Each MoE layer stores its weighted side loss ``aux_loss_coef * balance + z_loss_coef * z`` (see
-:mod:`mmkit.moe`); :class:`M6Model` sums them into ``M6Output.aux_loss`` and adds ``aux_loss_weight`` times that to
+:mod:`mmkit.nn.moe`); :class:`M6Model` sums them into ``M6Output.aux_loss`` and adds ``aux_loss_weight`` times that to
 the loss. The MoE coefficients already weight the terms, so ``M6MoEConfig.aux_loss_weight`` defaults to 1.
 
 Routing groups. Every forward call's B x L positions form one routing group (N in C = N c / m), padding
@@ -44,9 +45,11 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from mmkit.config import register_model, register_preset
-from mmkit.models.m6 import _FULL_SIZE, M6Config, M6Model, register_ffn
-from mmkit.moe import ExpertParallelMoE, MoEConfig, MoEFeedForward
+from mmkit.m6.masking import SEG_PAD, SEG_VISUAL, collate
+from mmkit.m6.model import M6MoEConfig
+from mmkit.m6.tasks.pretrain import pretrain_loss, task_losses
+from mmkit.nn.moe import MoEFeedForward
+from mmkit.train import train, unwrap
 
 __all__ = [
     "M6MoEConfig", "moe_layers", "capacity_factor", "RoutingMonitor", "LayerLoad", "load_cv", "MoEPretrainLoss",
@@ -55,84 +58,12 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class M6MoEConfig(M6Config):
-    model_type: str = "m6_moe"
-    ffn_type: str = "moe"                  # the MoE FFN factory registered below (register_ffn("moe", ...))
-    aux_loss_weight: float = 1.0           # M6Output.aux_loss is already weighted by aux_loss_coef / z_loss_coef below
-    # -- M6 §3.4: which blocks are MoE, and the experts --------------------------------------------------
-    moe_every: int = 2                     # every moe_every-th block is MoE: blocks moe_every-1, 2*moe_every-1, ...
-                                           # (2: every other block, GShard / Switch; 1: all). Paper silent
-    n_experts: int = 8                     # m, experts per MoE layer (Table 4, M6-100B: 1024)
-    expert_d_ff: int | None = None         # hidden width of ONE expert; None = d_ff (each expert = the dense FFN,
-                                           # so top-1 has the dense model's active parameters). Paper silent
-    top_k: int = 1                         # experts per token: 1 (Switch; M6 §3.4 prefers it for speed) or 2 (GShard)
-    capacity_factor: float | None = 1.25   # c in C = ceil(N c / m) (M6 §3.4); None = no capacity, nothing dropped
-    aux_loss_coef: float = 0.01            # load-balancing loss weight (Switch's alpha); 0 = no balancing
-    z_loss_coef: float = 0.0               # router z-loss weight (ST-MoE: 1e-3); 0 = off
-    jitter_noise: float = 0.0              # Switch's multiplicative gate jitter in training; 0 = off
-    renormalize: bool = False              # top-k weights renormalised to sum 1 (Mixtral); False = raw p(x)_i, eq. (2)
-    expert_bias: bool = False              # biases in the expert MLPs (Switch has none)
-    expert_parallel: bool = False          # True: ExpertParallelMoE, the experts sharded over the torch.distributed
-                                           # processes (M6 §3.4 expert parallelism); needs the process group first
-    moe_backend: str = "auto"              # expert matmuls (mmkit.moe.MoEConfig.backend; `mmkit bench moe`)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ffn_type != "moe":
-            raise ValueError(f"M6MoEConfig has ffn_type='moe'; got {self.ffn_type!r} (use M6Config for a dense M6)")
-        if not 1 <= self.moe_every <= self.n_layers:
-            raise ValueError(f"moe_every must be in 1..n_layers={self.n_layers}, got {self.moe_every}")
-        self.moe_config()                                                   # validates the MoE fields
-
-    def moe_layer_ids(self) -> list[int]:
-        """Indices of the MoE blocks: ``moe_every - 1, 2 * moe_every - 1, ...``."""
-        return [i for i in range(self.n_layers) if i % self.moe_every == self.moe_every - 1]
-
-    def moe_config(self) -> MoEConfig:
-        """The :class:`mmkit.moe.MoEConfig` of each MoE layer."""
-        return MoEConfig(d_model=self.d_model, d_ff=self.expert_d_ff or self.d_ff, n_experts=self.n_experts,
-                         top_k=self.top_k, capacity_factor=self.capacity_factor, renormalize=self.renormalize,
-                         aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef,
-                         jitter_noise=self.jitter_noise, activation=self.activation, bias=self.expert_bias,
-                         dropout=self.dropout, backend=self.moe_backend)
-
-
-# M6 §3.4: "the MoE layer is a parallel combination of multiple FFN layers, each of which acts as an expert"
-def _moe_ffn(config: M6Config, layer: int) -> nn.Module | None:
-    if not isinstance(config, M6MoEConfig):
-        raise ValueError("ffn_type='moe' needs an M6MoEConfig (mmkit.models.m6_moe), which holds n_experts, top_k, "
-                         "capacity_factor, ...; e.g. mmkit.load_config('m6-tiny-moe')")
-    if layer not in config.moe_layer_ids():
-        return None                                                         # a dense FeedForward block
-    cls = ExpertParallelMoE if config.expert_parallel else MoEFeedForward
-    return cls(config.moe_config())
-
-
-register_ffn("moe", _moe_ffn)
-register_model("m6_moe", M6MoEConfig, M6Model)
-
-# m6-tiny (4 blocks, d_model 128, d_ff 512) with 8 experts of d_ff 512 in blocks 1 and 3, top-1: the same active
-# parameters per token as m6-tiny (1.00M), 2.84M in all.
-register_preset("m6-tiny-moe", lambda: M6MoEConfig())
-# Table 4: M6-100B = M6-base's 24 layers / 1024 / 16 heads with 1024 experts; scaled/configs/m6_100b.yaml says
-# what is assumed. 103.3B parameters (+3.3%).
-register_preset("m6-100b", lambda: M6MoEConfig(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, n_experts=1024,
-                                               **_FULL_SIZE))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Reaching the MoE layers
 # ---------------------------------------------------------------------------------------------------------
 
 def moe_layers(model: nn.Module) -> dict[int, MoEFeedForward]:
     """``{block index: MoE layer}`` of an M6 (possibly DDP-wrapped). After a forward each layer holds
-    ``last_stats`` (:class:`mmkit.moe.MoEStats`), ``last_routing`` and ``last_plan`` of that call."""
-    from mmkit.train import unwrap
-
+    ``last_stats`` (:class:`mmkit.nn.moe.MoEStats`), ``last_routing`` and ``last_plan`` of that call."""
     return {i: b.ffn for i, b in enumerate(unwrap(model).blocks) if isinstance(b.ffn, MoEFeedForward)}
 
 
@@ -235,11 +166,11 @@ class RoutingMonitor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training on the world: m6_pretrain's data and loss, plus routing metrics and a clock
+# Training on the world: the pretraining data and loss, plus routing metrics and a clock
 # ---------------------------------------------------------------------------------------------------------
 
 class MoEPretrainLoss:
-    """``loss_fn`` for :func:`mmkit.train.train`: :func:`m6_pretrain.pretrain_loss` (the four M6 §3.3 tasks, the
+    """``loss_fn`` for :func:`mmkit.train.train`: :func:`mmkit.m6.tasks.pretrain.pretrain_loss` (the four M6 §3.3 tasks, the
     MoE side loss included through ``M6Output.aux_loss``) with extra metrics logged every step:
 
     * ``ce``: the task loss alone (the logged ``loss`` includes the weighted side loss);
@@ -251,8 +182,6 @@ class MoEPretrainLoss:
     """
 
     def __init__(self, base: Callable | None = None, per_expert: bool = True):
-        from mmkit.models.m6_pretrain import pretrain_loss
-
         self.base = base or pretrain_loss
         self.per_expert = per_expert
         self._t0: float | None = None
@@ -263,21 +192,18 @@ class MoEPretrainLoss:
             self._t0 = now
         with RoutingMonitor(model) as mon:
             loss, metrics = self.base(model, batch)
-        from mmkit.train import unwrap
-
-        aux_w = mon.side_loss * unwrap(model).config.aux_loss_weight     # what task_losses added to the loss
+            aux_w = mon.side_loss * unwrap(model).config.aux_loss_weight     # what task_losses added to the loss
         metrics = dict(metrics, ce=float(loss.detach()) - aux_w, aux=aux_w, cpu_s=now - self._t0,
                        **mon.metrics(self.per_expert))
         return loss, metrics
 
 
-def init_image_side(model: nn.Module, source: str | nn.Module = "m6-tiny-pretrained", freeze: bool = True) -> nn.Module:
-    """Copy the trained image side (feature extractor + 2-D positions: stage 0 of ``m6_pretrain``, M6 §3.1) of
-    ``source`` (a hub name or an M6) into ``model``, frozen by default, so that dense and MoE models compared
-    on the world all read the same trained patch features and skip the ~25 CPU-s of stage 0."""
-    from mmkit import hub
-
-    src = hub.load(source) if isinstance(source, str) else source
+def init_image_side(model: nn.Module, source: nn.Module, freeze: bool = True) -> nn.Module:
+    """Copy the trained image side (feature extractor + 2-D positions: stage 0 of M6 pretraining, M6 §3.1) of
+    ``source`` (a pretrained M6, e.g. ``mmkit.load("m6-tiny-pretrained")``) into ``model``, frozen by default, so
+    that dense and MoE models compared on the world all read the same trained patch features and skip the ~25
+    CPU-s of stage 0."""
+    src = source
     for name in ("feature_extractor", "pos_emb_2d"):
         getattr(model, name).load_state_dict(getattr(src, name).state_dict())
         if freeze:
@@ -294,10 +220,8 @@ class MoERun(NamedTuple):
 
 def pretrain_moe(model: nn.Module, data, train_config, evaluator=None, loss_fn: MoEPretrainLoss | None = None,
                  **train_kw) -> MoERun:
-    """Train a dense or MoE M6 on ``data`` (a :class:`m6_pretrain.PretrainData`) with :class:`MoEPretrainLoss`
+    """Train a dense or MoE M6 on ``data`` (a :class:`mmkit.m6.tasks.pretrain.PretrainData`) with :class:`MoEPretrainLoss`
     and the kit's one loop; the image side, if frozen (:func:`init_image_side`), stays frozen."""
-    from mmkit.train import train
-
     t0, c0 = time.perf_counter(), time.thread_time()   # (default_param_groups skips frozen parameters)
     result = train(model, loss_fn or MoEPretrainLoss(), data.batch_fn, train_config, eval_fn=evaluator, **train_kw)
     return MoERun(model, result, time.thread_time() - c0, time.perf_counter() - t0)
@@ -318,9 +242,6 @@ def route_table(model: nn.Module, batch: dict) -> RouteTable:
     """Route a one-task batch (``PretrainData.fixed_batch``, e.g. image captioning) through ``model`` and count,
     for each MoE block, which expert each real token chose first: image patches by grid position, words by
     token id (the decoder's inputs; in the encoder of the other tasks words would be counted the same way)."""
-    from mmkit.masking import SEG_PAD, SEG_VISUAL, collate
-    from mmkit.train import unwrap
-
     raw = unwrap(model)
     was = raw.training
     raw.eval()
@@ -374,9 +295,6 @@ def evaluate_capacity(model: nn.Module, batch: dict, c: float | None) -> Capacit
     """Run a ``PretrainData`` batch through ``model`` (eval mode) with capacity factor ``c`` in every MoE layer:
     how many assignments are dropped (M6 §3.4: "tokens out of the capacity of an expert are dropped from the
     computation and they are sent to next layers through residual connections") and what that costs in loss."""
-    from mmkit.models.m6_pretrain import task_losses
-    from mmkit.train import unwrap
-
     raw = unwrap(model)
     was = raw.training
     raw.eval()

@@ -14,7 +14,7 @@ that it did: HTML, duplicate punctuation, characters outside Chinese/English) or
 the item and says why). Rules run on crawled pages (``mmkit.data.crawl.CrawlItem``: raw ``title`` /
 ``body`` bytes and an encoded image) and the pipeline streams: generator in, generator out::
 
-    from mmkit.cleaning import clean, default_rules
+    from mmkit.data.cleaning import clean, default_rules
     from mmkit.data.crawl import crawl
 
     run = clean(crawl(1000, noise=0.5), processes=2)   # lazy: nothing has happened yet

@@ -76,7 +76,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkit.layers import _ACTIVATIONS
+from mmkit.nn.blocks import ACTIVATIONS
 
 __all__ = [
     "MoEConfig", "MoEFeedForward", "ExpertParallelMoE", "Experts", "MoEStats", "Routing", "DispatchPlan",
@@ -119,7 +119,7 @@ class MoEConfig:
              f"top_k must be 1 or 2 (and <= n_experts={self.n_experts}), got {self.top_k}")
         need(self.capacity_factor is None or self.capacity_factor > 0,
              f"capacity_factor must be > 0, or None for no capacity limit; got {self.capacity_factor}")
-        need(self.activation in _ACTIVATIONS, f"unknown activation {self.activation!r}; choose one of {sorted(_ACTIVATIONS)}")
+        need(self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.jitter_noise >= 0, f"jitter_noise must be >= 0, got {self.jitter_noise}")
 
@@ -318,13 +318,13 @@ class Experts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ff, d_model))   # (m, F, D)
         self.b_in = nn.Parameter(torch.zeros(n_experts, d_in)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
-        self.act = _ACTIVATIONS[activation]()
+        self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
         self.init_std = init_std
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """BERT-style N(0, init_std) weights (what ``mmkit.layers.init_weights`` gives a FeedForward), zero biases."""
+        """BERT-style N(0, init_std) weights (what ``mmkit.nn.init_weights`` gives a FeedForward), zero biases."""
         nn.init.normal_(self.w_in, std=self.init_std)
         nn.init.normal_(self.w_out, std=self.init_std)
         for b in (self.b_in, self.b_out):

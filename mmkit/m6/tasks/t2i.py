@@ -1,12 +1,12 @@
 """M6 text-to-image, stage two: a code language model on the pretrained M6 (M6 §4.1).
 
-    model = mmkit.hub.load("m6-tiny-t2i")                   # M6T2I: pretrained M6 + code embeddings / outputs
-    vqgan = mmkit.hub.load("vqgan-world")                   # stage one: 32 px image <-> 8x8 codes of 256
-    tok = mmkit.hub.load("tokenizer-world")
+    model = mmkit.load("m6-tiny-t2i")                       # M6T2I: pretrained M6 + code embeddings / outputs
+    vqgan = mmkit.load("vqgan-world")                       # stage one: 32 px image <-> 8x8 codes of 256
+    tok = world_tokenizer()
     out = text_to_image(model, vqgan, tok, ["a small red circle at the top left"], SamplingConfig(n_samples=4))
     out.images                                              # (B, N, 3, 32, 32) in [0, 1]
-    ranked = rerank(out.images, prompts, scorer=itm_scorer(mmkit.hub.load("m6-tiny-itm"), tok))
-    faithfulness_score(out.images[:, 0], prompts)           # mmkit.faithfulness: pixels vs the prompt
+    ranked = rerank(out.images, prompts, scorer=itm_scorer(mmkit.load("m6-tiny-itm"), tok))
+    faithfulness_score(out.images[:, 0], prompts)           # mmkit.evaluation.faithfulness: pixels vs the prompt
 
 M6 §4.1: "In the finetuning, we add code embedding and output layers to the pretrained M6. We concat the word
 sequence and the aforementioned generated code sequence as the input, and we set the objective of
@@ -14,7 +14,8 @@ autoregressive language modeling for the training. At the stage of inference, we
 the model generates codes autoregressively with top-k sampling. The last step is to transform the code sequence
 to an image with the generator from the first stage."
 
-How that maps onto the kit's M6 (:mod:`mmkit.models.m6`), which nothing here re-implements:
+How that maps onto the kit's M6 (:mod:`mmkit.m6.model`, where :class:`M6T2I` lives), which nothing here
+re-implements:
 
     ids 0 .. 511                word vocabulary of the pretrained M6 (the world tokenizer uses 0 .. 383)
     ids 512 .. 767              <code_0> .. <code_255>: the ADDED code embeddings (new rows of the embedding) and,
@@ -23,7 +24,7 @@ How that maps onto the kit's M6 (:mod:`mmkit.models.m6`), which nothing here re-
     decoder block               [BOS] code_1 .. code_63 -> code_1 .. code_64 (causal): the code LM
     loss                        cross-entropy on the 64 code positions only ("autoregressive language modeling")
 
-So :class:`M6T2I` *is* an :class:`~mmkit.models.m6.M6Model` with a 768-id vocabulary: its forward, unified mask,
+So :class:`M6T2I` *is* an :class:`~mmkit.m6.model.M6Model` with a 768-id vocabulary: its forward, unified mask,
 KV-cache ``generate`` (top-k / top-p / temperature / seeded generator / logits processor) and the transformers
 ``generate()`` adapter (:mod:`mmkit.generation`) all work unchanged. While codes are generated the vocabulary is
 restricted to the code ids by :class:`CodeOnlyProcessor` (a transformers ``LogitsProcessor``, which M6's own loop
@@ -31,7 +32,7 @@ accepts as well), so a sample is always 64 valid codes.
 
 Reranking: M6 §4.1 samples; OFA and DALL-E draw N samples and keep those an image-text model scores highest.
 :func:`rerank` takes any scorer ``(images, texts) -> (B,) scores``; :func:`itm_scorer` wraps M6's image-text
-matching head (``mmkit.models.m6_downstream.itm_scores``, M6 §4.6).
+matching head (:func:`mmkit.m6.tasks.itm.itm_scores`, M6 §4.6).
 
 Held-out generalisation (M6's "military style camouflage high heels", Figure 6, an object that does not exist):
 the recipe trains on one-object scenes *except* the colour + shape pairs in :data:`HELDOUT_PAIRS`; every colour
@@ -40,23 +41,24 @@ unseen pairs, and the recipe reports faithfulness on both.
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import LogitsProcessor
 
-from mmkit.config import register_model, register_preset
-from mmkit.masking import IGNORE_INDEX
-from mmkit.models.m6 import M6Config, M6Model
-from mmkit.recipes import recipe
+from mmkit.data.scenes import SceneBank, sample_scenes
+from mmkit.data.text import caption
+from mmkit.evaluation.faithfulness import faithfulness, faithfulness_score, wanted_from_scene
+from mmkit.m6.model import M6Model, M6T2I
+from mmkit.m6.tasks.itm import itm_scores
+from mmkit.objectives.lm import token_cross_entropy
+from mmkit.tokenizer import pad_texts
+from mmkit.train import TrainConfig, evaluating, train
 
 __all__ = [
-    "M6T2IConfig", "M6T2I", "CodeOnlyProcessor", "SamplingConfig", "T2IData", "T2IDataConfig", "t2i_loss",
+    "CodeOnlyProcessor", "SamplingConfig", "T2IData", "T2IDataConfig", "t2i_loss",
     "encode_prompts", "generate_codes", "iter_samples", "text_to_image", "T2IOutput", "Ranked", "rerank",
     "itm_scorer", "Scorer", "eval_prompts", "EvalPrompts", "evaluate_t2i", "code_loss", "HELDOUT_PAIRS",
     "RECIPE_TRAIN", "RECIPE_TRAIN_FAST", "finetune_t2i", "T2IRun",
@@ -65,85 +67,6 @@ __all__ = [
 # M6 §4.1 Figure 6 in miniature: colour + shape pairs the code LM never sees in training (each colour and each
 # shape is seen with the other shapes / colours). Faithfulness on them measures composition, not memory.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("green", "square"), ("blue", "circle"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Config and model
-# ---------------------------------------------------------------------------------------------------------
-
-@dataclass
-class M6T2IConfig(M6Config):
-    model_type: str = "m6-t2i"
-    vocab_size: int = 768          # joint vocabulary: the pretrained M6's 512 word ids + n_codes image codes
-    code_offset: int = 512         # id of <code_0>: codes come right after the pretrained word vocabulary
-    n_codes: int = 256             # VQGAN codebook size (vqgan-world: 256)
-    code_grid: int = 8             # codes per image side: an image is code_grid**2 = 64 codes in raster order
-    max_prompt_tokens: int = 48    # prompts are cut to this many word tokens (the longest world prompt: ~30)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.vocab_size != self.code_offset + self.n_codes:
-            raise ValueError(f"vocab_size={self.vocab_size} must equal code_offset + n_codes = "
-                             f"{self.code_offset} + {self.n_codes} (word ids, then one id per image code)")
-        if max(self.pad_token_id, self.bos_token_id, self.eos_token_id) >= self.code_offset:
-            raise ValueError("special token ids must be word ids (< code_offset)")
-        if self.code_grid ** 2 + 1 > self.max_text_len:
-            raise ValueError(f"{self.code_grid ** 2} codes + [BOS] do not fit max_text_len={self.max_text_len}")
-
-    @property
-    def n_image_codes(self) -> int:
-        """Codes per image (64 for an 8x8 grid)."""
-        return self.code_grid ** 2
-
-
-class M6T2I(M6Model):
-    """M6 with image codes as extra vocabulary (M6 §4.1): encoder = prompt, decoder = [BOS] + codes.
-
-    ``forward(None, prompt_ids, code_input_ids, labels)`` is M6's forward; use :meth:`codes_to_ids` /
-    :meth:`ids_to_codes` between VQGAN code indices (0 .. n_codes-1) and the model's ids.
-    """
-
-    config: M6T2IConfig
-
-    def __init__(self, config: M6T2IConfig, **kwargs):
-        super().__init__(config, **kwargs)
-
-    @classmethod
-    def from_pretrained_m6(cls, m6: M6Model, n_codes: int = 256, code_grid: int = 8, seed: int = 0) -> "M6T2I":
-        """M6 §4.1 "we add code embedding and output layers to the pretrained M6": every pretrained weight is
-        copied; the ``n_codes`` new embedding rows (= tied output rows) start at BERT's N(0, 0.02)."""
-        c = m6.config
-        base = {f.name: getattr(c, f.name) for f in fields(M6Config) if f.name not in ("model_type", "vocab_size")}
-        cfg = M6T2IConfig(**base, vocab_size=c.vocab_size + n_codes, code_offset=c.vocab_size, n_codes=n_codes,
-                          code_grid=code_grid)
-        torch.manual_seed(seed)
-        model = cls(cfg)
-        sd = m6.state_dict()
-        own = model.state_dict()
-        for k, v in sd.items():
-            if k in ("wte.weight", "lm_head.weight"):
-                own[k][: c.vocab_size] = v                      # word rows; code rows keep their fresh init
-            elif k in own:
-                own[k].copy_(v)
-        model.load_state_dict(own)
-        return model
-
-    @property
-    def code_ids(self) -> range:
-        c = self.config
-        return range(c.code_offset, c.code_offset + c.n_codes)
-
-    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
-        """VQGAN codes (B, h, w) or (B, h*w) -> model ids (B, h*w)."""
-        return codes.reshape(codes.shape[0], -1).long() + self.config.code_offset
-
-    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
-        """Model ids (B, 64) -> VQGAN codes (B, 8, 8); raises if an id is not a code."""
-        c = self.config
-        codes = ids.long() - c.code_offset
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c.n_codes):
-            raise ValueError("ids_to_codes got word ids; generate with CodeOnlyProcessor so every id is a code")
-        return codes.view(ids.shape[0], c.code_grid, c.code_grid)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,7 +110,8 @@ class T2IDataConfig:
     start: int = 0                 # first seed offset inside the split
 
 
-def _scene_ok(scene, cfg: T2IDataConfig) -> bool:
+def scene_ok(scene, cfg: T2IDataConfig) -> bool:
+    """Whether ``scene`` belongs to the data ``cfg`` describes (held-out pairs left out, or only they kept)."""
     pairs = [(o.colour, o.shape) for o in scene.objects]
     if cfg.only_pairs:
         return all(p in cfg.only_pairs for p in pairs)
@@ -209,28 +133,16 @@ class T2IData:
     @torch.no_grad()
     def build(cls, vqgan, tokenizer, config: T2IDataConfig = T2IDataConfig(), max_prompt_tokens: int = 48,
               image_size: int = 32) -> "T2IData":
-        from mmkit.data.datasets import render_uint8
-        from mmkit.data.text import caption
-        from mmkit.data.world import SPLITS, sample_scene
-
         c = config
-        lo, hi = SPLITS[c.split]
-        scenes, seed = [], lo + c.start
-        while len(scenes) < c.n_scenes:
-            if seed >= hi:
-                raise ValueError(f"split {c.split!r} ran out of scenes for {c}")
-            s = sample_scene(seed, c.min_objects, c.max_objects)
-            seed += 1
-            if _scene_ok(s, c):
-                scenes.append(s)
+        bank = SceneBank.build(c.split, c.n_scenes, image_size=image_size, start=c.start, min_objects=c.min_objects,
+                               max_objects=c.max_objects, keep=lambda scene: scene_ok(scene, c))
+        scenes, images = bank.scenes, bank.images_u8                                    # (N, 3, S, S) uint8
         prompts = [[caption(s, st, lang) for lang in c.langs for st in c.styles] for s in scenes]
         flat = [p for ps in prompts for p in ps]
         ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         k = len(c.langs) * len(c.styles)
         prompt_ids = [[torch.tensor(x[:max_prompt_tokens], dtype=torch.long) for x in ids[i * k:(i + 1) * k]]
                       for i in range(len(scenes))]
-        images = (torch.stack([render_uint8(s, image_size) for s in scenes]) if scenes
-                  else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8))   # (N, 3, S, S)
         codes = [vqgan.encode(images[i:i + 256].float() / 255.0).flatten(1) for i in range(0, len(images), 256)]
         codes = torch.cat(codes) if codes else torch.zeros(0, 64, dtype=torch.long)  # (N, 64)
         return cls(c, scenes, prompts, prompt_ids, codes, images)
@@ -280,16 +192,14 @@ def code_loss(model: M6T2I, data: T2IData, n: int | None = None, batch_size: int
     c = model.config
     n = len(data) if n is None else min(n, len(data))
     total = correct = tokens = 0.0
-    was = model.training
-    model.eval()
-    for i in range(0, n, batch_size):
-        rows = list(range(i, min(n, i + batch_size)))
-        b = data.batch(rows, rows, c.code_offset, c.bos_token_id, c.pad_token_id)
-        out = model(None, b["encoder_ids"], b["decoder_input_ids"])
-        total += float(F.cross_entropy(out.logits.flatten(0, 1).float(), b["labels"].flatten(), reduction="sum"))
-        correct += float((out.logits.argmax(-1) == b["labels"]).sum())
-        tokens += b["labels"].numel()
-    model.train(was)
+    with evaluating(model):
+        for i in range(0, n, batch_size):
+            rows = list(range(i, min(n, i + batch_size)))
+            b = data.batch(rows, rows, c.code_offset, c.bos_token_id, c.pad_token_id)
+            loss, m = token_cross_entropy(model(None, b["encoder_ids"], b["decoder_input_ids"]).logits, b["labels"])
+            total += float(loss) * m["n_tokens"]
+            correct += m["token_acc"] * m["n_tokens"]
+            tokens += m["n_tokens"]
     return {"code_loss": total / max(tokens, 1), "code_acc": correct / max(tokens, 1)}
 
 
@@ -321,11 +231,8 @@ class SamplingConfig:
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int = 48, pad_id: int = 0) -> torch.Tensor:
     """Prompts -> (B, We) word ids, padded with ``pad_id`` (M6 masks encoder padding)."""
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    ids = [x[:max_tokens] or [tokenizer.unk_token_id] for x in ids]
-    out = torch.full((len(ids), max(len(x) for x in ids)), pad_id, dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, :len(x)] = torch.tensor(x)
+    out = pad_texts(tokenizer, prompts, max_tokens, pad_id)
+    out[(out == pad_id).all(1), 0] = tokenizer.unk_token_id      # an empty prompt reads as [UNK], never as nothing
     return out
 
 
@@ -406,9 +313,7 @@ def rerank(images: torch.Tensor, prompts: Sequence[str], scorer: Scorer) -> Rank
 
 
 def itm_scorer(itm_model, tokenizer) -> Scorer:
-    """M6's image-text matching probability (M6 §4.6; ``m6_downstream.itm_scores``) as a rerank scorer."""
-    from mmkit.models.m6_downstream import itm_scores
-
+    """M6's image-text matching probability (M6 §4.6; :func:`mmkit.m6.tasks.itm.itm_scores`) as a rerank scorer."""
     def score(images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         return itm_scores(itm_model, images, list(texts), tokenizer)
     return score
@@ -427,20 +332,12 @@ class EvalPrompts(NamedTuple):
 def eval_prompts(n: int = 64, kind: str = "heldout", split: str = "test", start: int = 0) -> EvalPrompts:
     """``n`` one-object prompts from the ``split`` (never trained on): ``kind="heldout"`` takes scenes of seen
     colour + shape pairs, ``"unseen_pairs"`` only scenes of :data:`HELDOUT_PAIRS`."""
-    from mmkit.data.text import caption
-    from mmkit.data.world import SPLITS, sample_scene
-
     if kind not in ("heldout", "unseen_pairs"):
         raise ValueError(f"kind must be 'heldout' or 'unseen_pairs', got {kind!r}")
     cfg = T2IDataConfig(exclude_pairs=HELDOUT_PAIRS if kind == "heldout" else (),
                         only_pairs=HELDOUT_PAIRS if kind == "unseen_pairs" else ())
-    seed = SPLITS[split][0] + start
-    scenes = []
-    while len(scenes) < n:
-        s = sample_scene(seed, cfg.min_objects, cfg.max_objects)
-        seed += 1
-        if _scene_ok(s, cfg):
-            scenes.append(s)
+    scenes = sample_scenes(split, n, start=start, min_objects=cfg.min_objects, max_objects=cfg.max_objects,
+                           keep=lambda scene: scene_ok(scene, cfg))
     prompts = [caption(s, ("full", "full_alt")[(i // 2) % 2], ("en", "zh")[i % 2]) for i, s in enumerate(scenes)]
     return EvalPrompts(prompts, scenes, kind)
 
@@ -448,13 +345,11 @@ def eval_prompts(n: int = 64, kind: str = "heldout", split: str = "test", start:
 @torch.no_grad()
 def evaluate_t2i(model: M6T2I, vqgan, tokenizer, prompts: EvalPrompts, sampling: SamplingConfig = SamplingConfig(),
                  scorer: Scorer | None = None) -> dict[str, float]:
-    """Faithfulness (:mod:`mmkit.faithfulness`, checked against the prompt's own scene) of generated images.
+    """Faithfulness (:mod:`mmkit.evaluation.faithfulness`, checked against the prompt's own scene) of generated images.
 
     ``first_*``: the first sample of each prompt (no reranking); ``any_all_right``: some sample is right (the
     best a reranker could do); with a ``scorer``, ``rerank_*``: the sample the scorer ranks first.
     """
-    from mmkit.faithfulness import faithfulness, faithfulness_score, wanted_from_scene
-
     out = text_to_image(model, vqgan, tokenizer, prompts.prompts, sampling)
     wanted = [wanted_from_scene(s) for s in prompts.scenes]
     res = {f"first_{k}": v for k, v in faithfulness_score(out.images[:, 0], wanted).items() if k != "n"}
@@ -469,7 +364,7 @@ def evaluate_t2i(model: M6T2I, vqgan, tokenizer, prompts: EvalPrompts, sampling:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fine-tuning and the recipe
+# Fine-tuning
 # ---------------------------------------------------------------------------------------------------------
 
 # Tuned on the shared 2 cores (single-thread CPU-seconds): see the recipe's metrics in
@@ -490,8 +385,6 @@ class T2IRun(NamedTuple):
 def finetune_t2i(pretrained: M6Model, vqgan, tokenizer, train_config=None, data_config: T2IDataConfig | None = None,
                  val_scenes: int = 256, progress_bar: bool = False) -> T2IRun:
     """M6 §4.1 fine-tuning: add code embeddings / outputs to ``pretrained`` and train the code LM."""
-    from mmkit.train import TrainConfig, train
-
     tcfg = train_config or TrainConfig(**RECIPE_TRAIN, progress_bar=progress_bar)
     model = M6T2I.from_pretrained_m6(pretrained, n_codes=vqgan.config.n_embed, code_grid=vqgan.config.grid_size)
     data = T2IData.build(vqgan, tokenizer, data_config or T2IDataConfig(), model.config.max_prompt_tokens)
@@ -502,44 +395,3 @@ def finetune_t2i(pretrained: M6Model, vqgan, tokenizer, train_config=None, data_
     result = train(model, t2i_loss, data.batch_fn(c.code_offset, c.bos_token_id, c.pad_token_id), tcfg)
     model.eval()
     return T2IRun(model, result, before, code_loss(model, val), data)
-
-
-@recipe("m6-tiny-t2i", "M6 tiny text-to-image code LM (M6 §4.1) on vqgan-world codes, EN + ZH prompts",
-        config="m6-tiny-t2i")
-def _train_m6_tiny_t2i(out_dir: Path, fast: bool) -> dict:
-    import mmkit
-    from mmkit.train import TrainConfig, save_checkpoint
-
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    tok = mmkit.hub.load("tokenizer-world")
-    vqgan = mmkit.hub.load("vqgan-world")
-    pretrained = mmkit.hub.load("m6-tiny-pretrained")
-    tcfg = TrainConfig(**(RECIPE_TRAIN_FAST if fast else RECIPE_TRAIN), progress_bar=not fast)
-    dcfg = T2IDataConfig(n_scenes=800 if fast else T2IDataConfig.n_scenes)
-    run = finetune_t2i(pretrained, vqgan, tok, tcfg, dcfg, val_scenes=128 if fast else 256)
-    if not run.after["code_loss"] < run.before["code_loss"] - 1.0:
-        raise RuntimeError(f"m6-tiny-t2i did not learn: val code loss {run.before['code_loss']:.3f} -> "
-                           f"{run.after['code_loss']:.3f}")
-    n_eval = 32 if fast else 128
-    metrics = {"val_code_loss_before": round(run.before["code_loss"], 4), "val_code_acc_before":
-               round(run.before["code_acc"], 4), "val_code_loss": round(run.after["code_loss"], 4),
-               "val_code_acc": round(run.after["code_acc"], 4)}
-    sampling = SamplingConfig(n_samples=1)
-    for kind in ("heldout", "unseen_pairs"):
-        ev = evaluate_t2i(run.model, vqgan, tok, eval_prompts(n_eval, kind), sampling)
-        metrics.update({f"{kind}_{k}": round(v, 4) for k, v in ev.items() if k.startswith("first_")})
-    save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
-                    history=[{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()}
-                             for h in run.result.history[::10]],
-                    extra={"data_config": {k: v for k, v in asdict(dcfg).items()}})
-    metrics.update(steps=run.result.step, first_loss=round(run.result.history[0]["loss"], 4),
-                   last_loss=round(run.result.history[-1]["loss"], 4), train_seconds=round(run.result.seconds, 1),
-                   wall_seconds=round(time.perf_counter() - t0, 1),
-                   cpu_seconds=round(time.process_time() - cpu0, 1), torch_threads=torch.get_num_threads(),
-                   train_scenes=len(run.data), heldout_pairs=[list(p) for p in HELDOUT_PAIRS])
-    return metrics
-
-
-register_model("m6-t2i", M6T2IConfig, M6T2I)
-# m6-tiny's architecture with 256 image codes added (what from_pretrained_m6 builds from m6-tiny-pretrained)
-register_preset("m6-tiny-t2i", lambda: M6T2IConfig())

@@ -17,26 +17,35 @@ The whole model, top to bottom (M6 §3.1-3.2):
     logits = x[:, decoder] @ word_emb.T                      # output layer tied to the word embedding
     loss = cross_entropy(logits, labels, ignore_index=-100)
 
-Sequence layout: *segment-aligned* as :func:`mmkit.masking.collate` builds it: ``Wv`` visual slots, then
+The same file holds M6's variants and heads: M6-MoE (M6 §3.4, MoE FFNs through the FFN hook), the image-text
+matching head (M6 §4.6) and the text-to-image code LM (M6 §4.1). Tasks that train and use them live in
+``mmkit/m6/tasks/``; recipes in ``mmkit/m6/recipes.py``.
+
+Sequence layout: *segment-aligned* as :func:`mmkit.m6.masking.collate` builds it: ``Wv`` visual slots, then
 ``We`` encoder-text slots, then ``Wd`` decoder-text slots, each block padded at its own end. Positions are
 counted inside each block, so a token's embedding never depends on how the batch was padded.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkit.config import register_model, register_preset
-from mmkit.layers import (ConvFeatureExtractor, KVCache, PatchFeatures, PositionEmbedding, PositionEmbedding2D,
-                          TransformerBlock, TypeEmbedding, init_weights)
-from mmkit.masking import IGNORE_INDEX, SEG_DECODER, SEG_ENCODER, SEG_PAD, SEG_VISUAL, TaskBatch, unified_mask
+from mmkit.generation import register_cached_forward
+from mmkit.m6.masking import IGNORE_INDEX, SEG_DECODER, SEG_ENCODER, SEG_PAD, SEG_VISUAL, TaskBatch, unified_mask
+from mmkit.nn import (ConvFeatureExtractor, KVCache, PatchFeatures, PositionEmbedding, PositionEmbedding2D,
+                      TransformerBlock, TypeEmbedding, init_weights)
+from mmkit.nn.moe import ExpertParallelMoE, MoEConfig, MoEFeedForward
+from mmkit.objectives.lm import token_cross_entropy, token_log_probs
+from mmkit.registry import register_model, register_preset
 
-__all__ = ["M6Config", "M6Model", "M6Output", "Generation", "FFN_FACTORIES", "register_ffn"]
+__all__ = ["M6Config", "M6Model", "IMAGE_SIDE", "GridProbe", "M6Output", "Generation", "FFN_FACTORIES", "register_ffn", "FULL_SIZE",
+           "M6MoEConfig", "M6ITMConfig", "M6ForImageTextMatching", "MatchOutput", "CaptionLikelihood",
+           "caption_likelihood", "M6T2IConfig", "M6T2I"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,7 +197,7 @@ class M6Model(nn.Module):
         if ffn_factory is None:
             if c.ffn_type not in FFN_FACTORIES:
                 raise ValueError(f"unknown ffn_type {c.ffn_type!r}; registered: {sorted(FFN_FACTORIES)}. Import "
-                                 "the module that calls mmkit.models.m6.register_ffn for it first.")
+                                 "the module that calls mmkit.m6.model.register_ffn for it first.")
             ffn_factory = FFN_FACTORIES[c.ffn_type]
         self.blocks = nn.ModuleList(
             TransformerBlock(D, c.n_heads, c.d_ff, dropout=c.dropout, attn_dropout=c.attn_dropout,
@@ -311,15 +320,13 @@ class M6Model(nn.Module):
                 raise ValueError(f"labels {tuple(labels.shape)} must match decoder_input_ids "
                                  f"{tuple(decoder_input_ids.shape)} (use -100 where nothing is predicted)")
             # M6 §3.3: every task is "... to text": cross-entropy on the decoder's next-word predictions.
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
+            loss = token_cross_entropy(logits, labels)[0]
             if aux is not None:
                 loss = loss + self.config.aux_loss_weight * aux
         return M6Output(loss, logits, h, aux)
 
     def forward_batch(self, batch: TaskBatch, images: torch.Tensor | None = None) -> M6Output:
-        """``forward`` on a :class:`mmkit.masking.TaskBatch` (from ``masking.collate``) and its images.
+        """``forward`` on a :class:`mmkit.m6.masking.TaskBatch` (from ``masking.collate``) and its images.
 
         ``images`` (B, C, H, W) is needed when the batch has visual slots (any image task); rows of text-only
         tasks may hold any image (e.g. zeros): their visual slots are padding, masked out.
@@ -426,6 +433,35 @@ class M6Model(nn.Module):
             self.train(was_training)
         return Generation(torch.stack(out_ids, dim=1), torch.stack(out_logits, dim=1))
 
+    def cached_step(self, images, encoder_ids, input_ids, caches, past_length: int) -> torch.Tensor:
+        """M6's incremental step, the same computation as ``M6Model.generate(use_cache=True)``.
+
+        First call (``past_length == 0``): [visual | encoder | decoder prompt] under the unified mask (M6 §3.2),
+        filling every layer's cache. Later calls: only the new decoder tokens, at decoder positions ``past_length -
+        prefix_length ...``; they attend to every real prefix key (encoder padding stays masked), every cached decoder
+        key and, causally, to each other.
+        """
+        B, t = input_ids.shape
+        dev = input_ids.device
+        n_vis = 0 if images is None else self.num_visual_tokens
+        prefix_seg = self._segments(B, n_vis, encoder_ids, None, dev)                   # (B, Lp)
+        Lp = prefix_seg.shape[1]
+        if past_length == 0:
+            seg = torch.cat([prefix_seg, torch.full_like(input_ids, SEG_DECODER)], dim=1)  # (B, Lp + t)
+            x = self._embed(images, encoder_ids, input_ids)                              # (B, Lp + t, D)
+            h = self._transform(x, unified_mask(segment_ids=seg).mask[:, None], caches)
+        else:
+            done = past_length - Lp                                                       # decoder tokens cached
+            if done < 1:
+                raise ValueError(f"the cache holds {past_length} positions but the prefix alone has {Lp}: it was "
+                                 "filled for other inputs; let generate() build a fresh cache")
+            x = self.drop(self.embed_norm(self.embed_text(input_ids, SEG_DECODER, offset=done)))  # (B, t, D)
+            prefix_ok = (prefix_seg != SEG_PAD)[:, None, :].expand(B, t, Lp)            # (B, t, Lp)
+            causal = torch.ones(t, done + t, dtype=torch.bool, device=dev).tril(done)    # (t, done + t)
+            mask = torch.cat([prefix_ok, causal.expand(B, t, done + t)], dim=2)          # (B, t, Lk)
+            h = self._transform(x, mask[:, None], caches)                                # (B, t, D)
+        return self.lm_head(h[:, -t:])                                                   # (B, t, V)
+
     @staticmethod
     def _pick(logits, out_ids, do_sample, temperature, top_k, top_p, generator, logits_processor):
         if logits_processor is not None:
@@ -482,6 +518,272 @@ def _probe_extractor(extractor: nn.Module, c: M6Config) -> tuple[int, tuple[int,
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The image side, and a probe that trains it (stage 0: a stand-in for M6 §3.1's trained ResNet-50)
+# ---------------------------------------------------------------------------------------------------------
+
+# Parameter-name prefixes of M6's image side (M6 §3.1 feature extractor, its projection, the 2-D positions):
+# what stage 0 trains and later stages freeze or train slowly (mmkit.train.scaled_param_groups).
+IMAGE_SIDE: tuple[str, ...] = ("feature_extractor.", "patch_proj.", "pos_emb_2d.")
+
+
+class GridProbe(nn.Module):
+    """A linear head on M6's visual tokens that names the object of every grid cell: colour, shape, size or empty.
+
+    M6 §3.1 reads patch features from a ResNet-50 *trained* on ImageNet; the world has no such network, so the kit
+    trains its small CNN on this supervised task first (``mmkit.m6.tasks.pretrain.pretrain_feature_extractor``)
+    and throws the head away. ``classes`` counts each attribute's values plus "empty" (world: 6 colours, 3 shapes,
+    2 sizes).
+    """
+
+    def __init__(self, m6: M6Model, n_cells: int = 9, classes: tuple[int, ...] = (7, 4, 3)):
+        super().__init__()
+        self.m6, self.n_cells, self.classes = m6, n_cells, tuple(classes)
+        self.head = nn.Linear(m6.num_visual_tokens * m6.config.d_model, n_cells * sum(classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        v = self.m6.embed_images(images)                                        # (B, N, D) visual tokens
+        return self.head(v.flatten(1)).view(len(images), self.n_cells, sum(self.classes))   # (B, cells, sum)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum over attributes of the mean cross-entropy per cell; labels (B, cells, attributes) long."""
+        parts = self(images).split(self.classes, dim=-1)
+        return sum(F.cross_entropy(p.reshape(-1, k), labels[..., j].reshape(-1))
+                   for j, (p, k) in enumerate(zip(parts, self.classes)))
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor,
+                 names: tuple[str, ...] = ("colour", "shape", "size")) -> dict[str, float]:
+        """Accuracy of each attribute over the occupied cells (label 0 = empty)."""
+        parts = self(images).split(self.classes, dim=-1)
+        occupied = labels[..., 0] > 0
+        return {name: float((parts[j].argmax(-1) == labels[..., j])[occupied].float().mean())
+                for j, name in enumerate(names)}
+
+
+# =========================================================================================================
+# M6-MoE (M6 §3.4): Mixture-of-Experts FFNs through the FFN hook
+# =========================================================================================================
+
+@dataclass
+class M6MoEConfig(M6Config):
+    model_type: str = "m6_moe"
+    ffn_type: str = "moe"                  # the MoE FFN factory registered below (register_ffn("moe", ...))
+    aux_loss_weight: float = 1.0           # M6Output.aux_loss is already weighted by aux_loss_coef / z_loss_coef below
+    # -- M6 §3.4: which blocks are MoE, and the experts --------------------------------------------------
+    moe_every: int = 2                     # every moe_every-th block is MoE: blocks moe_every-1, 2*moe_every-1, ...
+                                           # (2: every other block, GShard / Switch; 1: all). Paper silent
+    n_experts: int = 8                     # m, experts per MoE layer (Table 4, M6-100B: 1024)
+    expert_d_ff: int | None = None         # hidden width of ONE expert; None = d_ff (each expert = the dense FFN,
+                                           # so top-1 has the dense model's active parameters). Paper silent
+    top_k: int = 1                         # experts per token: 1 (Switch; M6 §3.4 prefers it for speed) or 2 (GShard)
+    capacity_factor: float | None = 1.25   # c in C = ceil(N c / m) (M6 §3.4); None = no capacity, nothing dropped
+    aux_loss_coef: float = 0.01            # load-balancing loss weight (Switch's alpha); 0 = no balancing
+    z_loss_coef: float = 0.0               # router z-loss weight (ST-MoE: 1e-3); 0 = off
+    jitter_noise: float = 0.0              # Switch's multiplicative gate jitter in training; 0 = off
+    renormalize: bool = False              # top-k weights renormalised to sum 1 (Mixtral); False = raw p(x)_i, eq. (2)
+    expert_bias: bool = False              # biases in the expert MLPs (Switch has none)
+    expert_parallel: bool = False          # True: ExpertParallelMoE, the experts sharded over the torch.distributed
+                                           # processes (M6 §3.4 expert parallelism); needs the process group first
+    moe_backend: str = "auto"              # expert matmuls (mmkit.nn.moe.MoEConfig.backend; `mmkit bench moe`)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ffn_type != "moe":
+            raise ValueError(f"M6MoEConfig has ffn_type='moe'; got {self.ffn_type!r} (use M6Config for a dense M6)")
+        if not 1 <= self.moe_every <= self.n_layers:
+            raise ValueError(f"moe_every must be in 1..n_layers={self.n_layers}, got {self.moe_every}")
+        self.moe_config()                                                   # validates the MoE fields
+
+    def moe_layer_ids(self) -> list[int]:
+        """Indices of the MoE blocks: ``moe_every - 1, 2 * moe_every - 1, ...``."""
+        return [i for i in range(self.n_layers) if i % self.moe_every == self.moe_every - 1]
+
+    def moe_config(self) -> MoEConfig:
+        """The :class:`mmkit.nn.moe.MoEConfig` of each MoE layer."""
+        return MoEConfig(d_model=self.d_model, d_ff=self.expert_d_ff or self.d_ff, n_experts=self.n_experts,
+                         top_k=self.top_k, capacity_factor=self.capacity_factor, renormalize=self.renormalize,
+                         aux_loss_coef=self.aux_loss_coef, z_loss_coef=self.z_loss_coef,
+                         jitter_noise=self.jitter_noise, activation=self.activation, bias=self.expert_bias,
+                         dropout=self.dropout, backend=self.moe_backend)
+
+
+# M6 §3.4: "the MoE layer is a parallel combination of multiple FFN layers, each of which acts as an expert"
+def _moe_ffn(config: M6Config, layer: int) -> nn.Module | None:
+    if not isinstance(config, M6MoEConfig):
+        raise ValueError("ffn_type='moe' needs an M6MoEConfig (mmkit.m6.model), which holds n_experts, top_k, "
+                         "capacity_factor, ...; e.g. mmkit.load_config('m6-tiny-moe')")
+    if layer not in config.moe_layer_ids():
+        return None                                                         # a dense FeedForward block
+    cls = ExpertParallelMoE if config.expert_parallel else MoEFeedForward
+    return cls(config.moe_config())
+
+
+# =========================================================================================================
+# Image-text matching head (M6 §4.6)
+# =========================================================================================================
+
+@dataclass
+class M6ITMConfig(M6Config):
+    model_type: str = "m6_itm"       # M6 + an image-text matching head (M6 §4.6); every M6Config field applies
+    itm_likelihood: bool = True      # also give the head the caption's token log-likelihoods under the image
+                                     # (min and mean over tokens): M6's own image-to-text score. Measured on
+                                     # m6-tiny-pretrained, zero-shot: the true caption out-scores its substituted
+                                     # twin 97-100% of the time per kind; the head learns to calibrate it
+    itm_pooler: bool = True          # BERT-style pooler (Linear + tanh) before the 1-logit classifier; False =
+                                     # one Linear on the features
+
+
+class MatchOutput(NamedTuple):
+    logits: torch.Tensor              # (B,) match logits (sigmoid = probability)
+    token_logprobs: torch.Tensor      # (B, W + 1) log p(caption token | image, earlier tokens), [EOS] last; 0 at pads
+    state: torch.Tensor               # (B, D) final state of the closing [EOS] input
+
+
+class CaptionLikelihood(NamedTuple):
+    token_logprobs: torch.Tensor      # (B, W + 1) log p(token | image, earlier tokens), [EOS] last; 0 at pads
+    worst: torch.Tensor               # (B,) the least likely token's log-probability
+    mean: torch.Tensor                # (B,) mean log-probability per token ([EOS] included)
+    state: torch.Tensor               # (B, D) final state of the closing [EOS] input
+
+
+def caption_likelihood(model, images: torch.Tensor, caption_ids: torch.Tensor) -> CaptionLikelihood:
+    """How likely any M6 finds each caption given its image: M6 §3.3 image-to-text, teacher-forced.
+
+    Decoder input ``[BOS] c_1 .. c_L [EOS]``, targets ``c_1 .. c_L [EOS]``; caption_ids (B, W) right-padded with
+    [PAD]. Zero-shot (the pretrained model), ``mean`` already ranks a caption above its substituted twin.
+    """
+    c = model.config
+    B, W = caption_ids.shape
+    dev = caption_ids.device
+    lengths = (caption_ids != c.pad_token_id).sum(1)                              # (B,)
+    rows = torch.arange(B, device=dev)
+    dec = torch.full((B, W + 2), c.pad_token_id, dtype=torch.long, device=dev)    # [BOS] c_1 .. c_L [EOS] [PAD]..
+    dec[:, 0] = c.bos_token_id
+    dec[:, 1:W + 1] = caption_ids
+    dec[rows, lengths + 1] = c.eos_token_id
+    target = dec[:, 1:W + 2]                                                       # (B, W + 1)
+    valid = target != c.pad_token_id                                               # (B, W + 1): tokens + [EOS]
+    out = model.forward(images, None, dec)                                         # logits (B, W + 2, V)
+    logp = token_log_probs(out.logits[:, :W + 1], target.masked_fill(~valid, IGNORE_INDEX))   # 0 at pads
+    state = out.hidden_states[:, -dec.shape[1]:][rows, lengths + 1]               # (B, D): the [EOS] input
+    return CaptionLikelihood(logp, logp.masked_fill(~valid, 0.0).min(1).values,
+                             logp.sum(1) / valid.sum(1).clamp(min=1), state)
+
+
+class M6ForImageTextMatching(M6Model):
+    """M6 with a binary match head (M6 §4.6). ``match(images, caption_ids) -> MatchOutput``.
+
+    M6 §3.3 makes every task "... to text", so the caption is read the way M6 reads it in image captioning:
+    image in the visual block, ``[BOS] caption [EOS]`` in the decoder block (causal, teacher-forced). The head
+    sees the final state of the closing [EOS] (it has attended to the image and the whole caption) and, with
+    ``itm_likelihood``, the min / mean log-probability the model gave the caption's tokens.
+    """
+
+    def __init__(self, config: M6ITMConfig, **kw):
+        super().__init__(config, **kw)
+        D = config.d_model
+        F_in = D + (2 if config.itm_likelihood else 0)
+        # M6 §4.6 "binary classification": pooler + one logit on the [EOS] state (+ likelihood features).
+        layers = [nn.Linear(F_in, D), nn.Tanh(), nn.Linear(D, 1)] if config.itm_pooler else [nn.Linear(F_in, 1)]
+        self.itm_head = nn.Sequential(*layers)
+        for m in self.itm_head:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=config.init_std)
+                nn.init.zeros_(m.bias)
+
+    def match(self, images: torch.Tensor, caption_ids: torch.Tensor) -> MatchOutput:
+        """images (B, C, H, W) in [0, 1], caption_ids (B, W) plain ids, right-padded with [PAD] -> MatchOutput."""
+        r = caption_likelihood(self, images, caption_ids)
+        feats = [r.state]
+        if self.config.itm_likelihood:
+            feats += [r.worst[:, None] * 0.1, r.mean[:, None]]                    # ~unit scale
+        logits = self.itm_head(torch.cat(feats, dim=-1).to(r.state.dtype)).squeeze(-1)   # (B,)
+        return MatchOutput(logits, r.token_logprobs, r.state)
+
+    def match_logits(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) match logits (see :meth:`match`)."""
+        return self.match(images, caption_ids).logits
+
+
+# =========================================================================================================
+# Text-to-image code LM (M6 §4.1): M6 with image codes as extra vocabulary
+# =========================================================================================================
+
+@dataclass
+class M6T2IConfig(M6Config):
+    model_type: str = "m6-t2i"
+    vocab_size: int = 768          # joint vocabulary: the pretrained M6's 512 word ids + n_codes image codes
+    code_offset: int = 512         # id of <code_0>: codes come right after the pretrained word vocabulary
+    n_codes: int = 256             # VQGAN codebook size (vqgan-world: 256)
+    code_grid: int = 8             # codes per image side: an image is code_grid**2 = 64 codes in raster order
+    max_prompt_tokens: int = 48    # prompts are cut to this many word tokens (the longest world prompt: ~30)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_size != self.code_offset + self.n_codes:
+            raise ValueError(f"vocab_size={self.vocab_size} must equal code_offset + n_codes = "
+                             f"{self.code_offset} + {self.n_codes} (word ids, then one id per image code)")
+        if max(self.pad_token_id, self.bos_token_id, self.eos_token_id) >= self.code_offset:
+            raise ValueError("special token ids must be word ids (< code_offset)")
+        if self.code_grid ** 2 + 1 > self.max_text_len:
+            raise ValueError(f"{self.code_grid ** 2} codes + [BOS] do not fit max_text_len={self.max_text_len}")
+
+    @property
+    def n_image_codes(self) -> int:
+        """Codes per image (64 for an 8x8 grid)."""
+        return self.code_grid ** 2
+
+
+class M6T2I(M6Model):
+    """M6 with image codes as extra vocabulary (M6 §4.1): encoder = prompt, decoder = [BOS] + codes.
+
+    ``forward(None, prompt_ids, code_input_ids, labels)`` is M6's forward; use :meth:`codes_to_ids` /
+    :meth:`ids_to_codes` between VQGAN code indices (0 .. n_codes-1) and the model's ids.
+    """
+
+    config: M6T2IConfig
+
+    def __init__(self, config: M6T2IConfig, **kwargs):
+        super().__init__(config, **kwargs)
+
+    @classmethod
+    def from_pretrained_m6(cls, m6: M6Model, n_codes: int = 256, code_grid: int = 8, seed: int = 0) -> "M6T2I":
+        """M6 §4.1 "we add code embedding and output layers to the pretrained M6": every pretrained weight is
+        copied; the ``n_codes`` new embedding rows (= tied output rows) start at BERT's N(0, 0.02)."""
+        c = m6.config
+        base = {f.name: getattr(c, f.name) for f in fields(M6Config) if f.name not in ("model_type", "vocab_size")}
+        cfg = M6T2IConfig(**base, vocab_size=c.vocab_size + n_codes, code_offset=c.vocab_size, n_codes=n_codes,
+                          code_grid=code_grid)
+        torch.manual_seed(seed)
+        model = cls(cfg)
+        sd = m6.state_dict()
+        own = model.state_dict()
+        for k, v in sd.items():
+            if k in ("wte.weight", "lm_head.weight"):
+                own[k][: c.vocab_size] = v                      # word rows; code rows keep their fresh init
+            elif k in own:
+                own[k].copy_(v)
+        model.load_state_dict(own)
+        return model
+
+    @property
+    def code_ids(self) -> range:
+        c = self.config
+        return range(c.code_offset, c.code_offset + c.n_codes)
+
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQGAN codes (B, h, w) or (B, h*w) -> model ids (B, h*w)."""
+        return codes.reshape(codes.shape[0], -1).long() + self.config.code_offset
+
+    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Model ids (B, 64) -> VQGAN codes (B, 8, 8); raises if an id is not a code."""
+        c = self.config
+        codes = ids.long() - c.code_offset
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c.n_codes):
+            raise ValueError("ids_to_codes got word ids; generate with CodeOnlyProcessor so every id is a code")
+        return codes.view(ids.shape[0], c.code_grid, c.code_grid)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Registration and presets (Table 4)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -493,10 +795,30 @@ register_preset("m6-tiny", lambda: M6Config())
 # Full size (Table 4). What the paper does not give is assumed as explained in scaled/configs/m6_base.yaml
 # (same values): BERT-Chinese's 21128 WordPiece ids + the [BOS]/[EOS] that mmkit.tokenizer.load_tokenizer
 # appends to it (ids 21128, 21129); d_ff = 4 d_model; 512 text positions; 224 px images -> 7x7 features.
-_FULL_SIZE = dict(vocab_size=21130, pad_token_id=0, bos_token_id=21128, eos_token_id=21129, max_text_len=512,
+FULL_SIZE = dict(vocab_size=21130, pad_token_id=0, bos_token_id=21128, eos_token_id=21129, max_text_len=512,
                   dropout=0.1, image_size=224, feature_channels=(32, 64, 128, 256, 512),
                   feature_strides=(2, 2, 2, 2, 2))
 # Table 4: M6-base, 24 layers, d_model 1024, 16 heads, 327M parameters.
-register_preset("m6-base", lambda: M6Config(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, **_FULL_SIZE))
+register_preset("m6-base", lambda: M6Config(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, **FULL_SIZE))
 # Table 4: M6-10B, 50 layers, d_model 4096, 128 heads, 10B parameters.
-register_preset("m6-10b", lambda: M6Config(d_model=4096, n_layers=50, n_heads=128, d_ff=16384, **_FULL_SIZE))
+register_preset("m6-10b", lambda: M6Config(d_model=4096, n_layers=50, n_heads=128, d_ff=16384, **FULL_SIZE))
+
+register_ffn("moe", _moe_ffn)
+register_model("m6_moe", M6MoEConfig, M6Model)
+
+# m6-tiny (4 blocks, d_model 128, d_ff 512) with 8 experts of d_ff 512 in blocks 1 and 3, top-1: the same active
+# parameters per token as m6-tiny (1.00M), 2.84M in all.
+register_preset("m6-tiny-moe", lambda: M6MoEConfig())
+# Table 4: M6-100B = M6-base's 24 layers / 1024 / 16 heads with 1024 experts; scaled/configs/m6_100b.yaml says
+# what is assumed. 103.3B parameters (+3.3%).
+register_preset("m6-100b", lambda: M6MoEConfig(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, n_experts=1024,
+                                               **FULL_SIZE))
+
+register_model("m6_itm", M6ITMConfig, M6ForImageTextMatching)
+register_preset("m6-tiny-itm", lambda: M6ITMConfig())
+
+register_model("m6-t2i", M6T2IConfig, M6T2I)
+# m6-tiny's architecture with 256 image codes added (what from_pretrained_m6 builds from m6-tiny-pretrained)
+register_preset("m6-tiny-t2i", lambda: M6T2IConfig())
+
+register_cached_forward(M6Model, M6Model.cached_step)

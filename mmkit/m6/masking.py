@@ -1,4 +1,4 @@
-"""Attention masks and pretraining-task inputs: M6's unified mask and tasks, BERT MLM, prefix LM.
+"""M6's unified attention mask and its four pretraining tasks (M6 §3.2-3.3), and prefix LM in M6's form.
 
 Pure tensor functions (no model code), deterministic given a ``torch.Generator``.
 
@@ -16,6 +16,7 @@ Pure tensor functions (no model code), deterministic given a ``torch.Generator``
 Conventions (DEVELOPING.md): boolean masks, **True = may attend**, (L, L) or (B, L, L), broadcastable to
 (B, heads, L_q, L_k) for ``F.scaled_dot_product_attention`` (use ``mask[:, None]`` for a batch). Token ids
 given to the task builders are plain text ids, without [CLS]/[SEP] (``add_special_tokens=False``).
+BERT's masked language modelling lives in :mod:`mmkit.objectives.mlm` (VLMo and mPLUG use it too).
 """
 from __future__ import annotations
 
@@ -25,38 +26,18 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100  # label of positions the loss skips (torch.nn.functional.cross_entropy's default)
+from mmkit.objectives.lm import IGNORE_INDEX, split_prefix
+from mmkit.tokenizer import SpecialIds
 
 # Segment ids of the unified sequence (M6 §3.2); a notebook draws boundaries where they change.
 SEG_PAD, SEG_VISUAL, SEG_ENCODER, SEG_DECODER = -1, 0, 1, 2
 
 __all__ = [
-    "IGNORE_INDEX", "SEG_PAD", "SEG_VISUAL", "SEG_ENCODER", "SEG_DECODER",
-    "SpecialIds", "UnifiedMask", "unified_mask",
-    "TaskExample", "TaskBatch", "span_noise_mask", "replace_spans", "text_denoising", "language_modeling",
-    "image_captioning", "multimodal_to_text", "collate",
-    "MLMOutput", "word_ids_from_tokens", "mlm_mask",
+    "IGNORE_INDEX", "SEG_PAD", "SEG_VISUAL", "SEG_ENCODER", "SEG_DECODER", "SpecialIds",
+    "UnifiedMask", "unified_mask", "TaskExample", "TaskBatch", "span_noise_mask", "replace_spans", "task_example",
+    "text_denoising", "language_modeling", "image_captioning", "multimodal_to_text", "collate",
     "PrefixLMSplit", "prefix_lm_split",
 ]
-
-
-class SpecialIds(NamedTuple):
-    """The special token ids the task builders need."""
-    pad_id: int   # [PAD]: fills encoder/decoder inputs in a batch
-    mask_id: int  # [MASK]: replaces each noised span (M6) / masked token (BERT MLM)
-    bos_id: int   # [BOS]: first decoder input
-    eos_id: int   # [EOS]: last decoder target, so the model learns where text ends
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> "SpecialIds":
-        """Read the ids off a Hugging Face tokenizer (e.g. ``mmkit.tokenizer.load_tokenizer("world")``)."""
-        vals = {f: getattr(tok, f"{f[:-3]}_token_id", None) for f in cls._fields}
-        missing = [f for f, v in vals.items() if v is None]
-        if missing:
-            raise ValueError(f"tokenizer has no {', '.join(m[:-3] + '_token' for m in missing)}; load it with "
-                             "mmkit.tokenizer.load_tokenizer (which adds [BOS]/[EOS]) or add them with "
-                             "tok.add_special_tokens(...)")
-        return cls(**vals)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -225,8 +206,8 @@ def replace_spans(ids, noise_mask: Tensor, mask_id: int) -> Tensor:
     return torch.where(start, torch.full_like(ids, mask_id), ids)[keep]
 
 
-def _example(task: str, text: Tensor, encoder_ids: Tensor, n_visual: int, special: SpecialIds,
-             noise_mask: Tensor | None = None) -> TaskExample:
+def task_example(task: str, text: Tensor, encoder_ids: Tensor, n_visual: int, special: SpecialIds,
+                 noise_mask: Tensor | None = None) -> TaskExample:
     # Decoder side of every task: teacher forcing over the *complete* text, [BOS] in, [EOS] out (M6 §3.3),
     # so the model learns the length too. Every position is predicted: no IGNORE_INDEX in a single example.
     dec_in = torch.cat([text.new_tensor([special.bos_id]), text])
@@ -247,20 +228,20 @@ def text_denoising(ids, *, special: SpecialIds, generator: torch.Generator | Non
     decoder regenerates the whole original text (M6 §3.3). See :func:`span_noise_mask`."""
     text = _ids(ids)
     noise = span_noise_mask(len(text), generator=generator, rate=rate, mean_span=mean_span)
-    return _example("text_denoising", text, replace_spans(text, noise, special.mask_id), 0, special, noise)
+    return task_example("text_denoising", text, replace_spans(text, noise, special.mask_id), 0, special, noise)
 
 
 def language_modeling(ids, *, special: SpecialIds) -> TaskExample:
     """Text-to-text: the encoder receives nothing; the decoder learns the whole text left to right (M6 §3.3)."""
     text = _ids(ids)
-    return _example("language_modeling", text, text.new_zeros(0), 0, special)
+    return task_example("language_modeling", text, text.new_zeros(0), 0, special)
 
 
 def image_captioning(ids, *, special: SpecialIds, n_visual: int) -> TaskExample:
     """Image-to-text: ``n_visual`` patch features in, masked-text input left blank, caption out (M6 §3.3)."""
     _check_visual(n_visual, "image_captioning")
     text = _ids(ids)
-    return _example("image_captioning", text, text.new_zeros(0), n_visual, special)
+    return task_example("image_captioning", text, text.new_zeros(0), n_visual, special)
 
 
 def multimodal_to_text(ids, *, special: SpecialIds, n_visual: int, generator: torch.Generator | None = None,
@@ -270,7 +251,7 @@ def multimodal_to_text(ids, *, special: SpecialIds, n_visual: int, generator: to
     _check_visual(n_visual, "multimodal_to_text")
     text = _ids(ids)
     noise = span_noise_mask(len(text), generator=generator, rate=rate, mean_span=mean_span)
-    return _example("multimodal_to_text", text, replace_spans(text, noise, special.mask_id), n_visual, special,
+    return task_example("multimodal_to_text", text, replace_spans(text, noise, special.mask_id), n_visual, special,
                     noise)
 
 
@@ -318,93 +299,6 @@ def collate(examples: Sequence[TaskExample], *, pad_id: int, n_visual: int | Non
 
 
 # --------------------------------------------------------------------------------------------------------------
-# BERT masked language modelling (VLMo §3.3, mPLUG §3.3)
-# --------------------------------------------------------------------------------------------------------------
-class MLMOutput(NamedTuple):
-    input_ids: Tensor  # same shape as the input: [MASK] / random / kept tokens at the chosen positions
-    labels: Tensor     # original id at the chosen positions, IGNORE_INDEX elsewhere
-
-
-def word_ids_from_tokens(tokens: Sequence[str] | Sequence[Sequence[str]]) -> Tensor:
-    """Word index of every WordPiece token: a ``##`` piece continues the previous token's word.
-
-    ``["a", "sm", "##all", "red"]`` -> ``[0, 1, 1, 2]``. A list of equal-length lists gives (B, L).
-    """
-    if tokens and not isinstance(tokens[0], str):
-        rows = [word_ids_from_tokens(t) for t in tokens]
-        if len({len(r) for r in rows}) > 1:
-            raise ValueError("every row of tokens must have the same length (tokens of the padded input_ids)")
-        return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)
-    out, w = [], -1
-    for t in tokens:
-        if not (t.startswith("##") and w >= 0):
-            w += 1
-        out.append(w)
-    return torch.tensor(out, dtype=torch.long)
-
-
-def mlm_mask(input_ids, *, mask_id: int, vocab_size: int, special_ids: Sequence[int],
-             generator: torch.Generator | None = None, word_ids=None, tokens=None, rate: float = 0.15,
-             probs: Sequence[float] = (0.8, 0.1, 0.1), at_least_one: bool = True) -> MLMOutput:
-    """BERT masked language modelling inputs and labels (VLMo §3.3, mPLUG §3.3: 15% as in BERT).
-
-    ``input_ids`` (L,) or (B, L). Each *word* is chosen with probability ``rate`` (so each token is chosen
-    with probability ``rate``); all its pieces are then predicted (whole-word masking). Words are given by
-    ``word_ids`` (same shape, -1 / None = not a word, e.g. ``encoding.word_ids()`` of a fast tokenizer) or
-    ``tokens`` (WordPiece strings, see :func:`word_ids_from_tokens`); with neither, every token is its own
-    word. Tokens in ``special_ids`` (pass ``tok.all_special_ids``: [CLS], [SEP], [PAD], ...) are never
-    chosen. Each chosen token independently becomes [MASK] / a random non-special token / itself with
-    ``probs`` = (0.8, 0.1, 0.1), as BERT. ``at_least_one``: a row with no chosen token gets one random word
-    chosen, so no row has an all-ignored loss (biases the rate up only for short rows).
-    """
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    single = ids.dim() == 1
-    ids = ids.unsqueeze(0) if single else ids
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids must be (L,) or (B, L), got shape {tuple(ids.shape)}")
-    if len(probs) != 3 or abs(sum(probs) - 1.0) > 1e-6 or min(probs) < 0:
-        raise ValueError(f"probs = (mask, random, keep) must be 3 non-negative numbers summing to 1, got {probs}")
-    B, L = ids.shape
-    if tokens is not None:
-        if word_ids is not None:
-            raise ValueError("give word_ids or tokens, not both")
-        word_ids = word_ids_from_tokens(tokens)
-    if word_ids is None:
-        words = torch.arange(L).expand(B, L)
-    else:
-        if not isinstance(word_ids, Tensor):
-            rows = [word_ids] if single else word_ids
-            word_ids = [[-1 if w is None else w for w in r] for r in rows]
-        words = torch.as_tensor(word_ids, dtype=torch.long)
-        words = words.unsqueeze(0) if words.dim() == 1 else words
-        if words.shape != ids.shape:
-            raise ValueError(f"word_ids / tokens shape {tuple(words.shape)} must match input_ids {tuple(ids.shape)}")
-    special = torch.isin(ids, torch.as_tensor(list(special_ids), dtype=torch.long))
-    cand = ~special & (words >= 0)                                    # (B, L) tokens that may be chosen
-    safe_words = words.clamp(min=0)
-    n_words = int(words.max()) + 1 if words.numel() else 1
-    chosen_word = _rand(generator, B, max(n_words, 1)) < rate         # (B, W)
-    chosen = torch.gather(chosen_word, 1, safe_words) & cand          # (B, L) whole words
-    if at_least_one:
-        empty = ~chosen.any(1) & cand.any(1)                          # (B,)
-        score = torch.where(cand, _rand(generator, B, L), -1.0)
-        pick = score.argmax(1)                                        # a random candidate token per row
-        same_word = safe_words == torch.gather(safe_words, 1, pick[:, None])
-        chosen = chosen | (same_word & cand & empty[:, None])
-    labels = torch.where(chosen, ids, IGNORE_INDEX)
-    u = _rand(generator, B, L)
-    to_mask = chosen & (u < probs[0])
-    to_random = chosen & (u >= probs[0]) & (u < probs[0] + probs[1])
-    allowed = torch.arange(vocab_size)
-    allowed = allowed[~torch.isin(allowed, torch.as_tensor(list(special_ids), dtype=torch.long))]
-    if len(allowed) == 0:
-        raise ValueError(f"vocab_size={vocab_size} leaves no non-special token to draw random replacements from")
-    random_ids = allowed[torch.randint(len(allowed), (B, L), generator=generator)]
-    out = torch.where(to_mask, mask_id, torch.where(to_random, random_ids, ids))
-    return MLMOutput(out[0], labels[0]) if single else MLMOutput(out, labels)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # mPLUG §3.3: prefix language modelling
 # --------------------------------------------------------------------------------------------------------------
 class PrefixLMSplit(NamedTuple):
@@ -425,15 +319,8 @@ def prefix_lm_split(ids, *, special: SpecialIds, generator: torch.Generator | No
     positions in front).
     """
     text = _ids(ids)
-    n = len(text)
-    if min_prefix < 0 or min_suffix < 0 or n < min_prefix + min_suffix:
-        raise ValueError(f"cannot split a text of {n} tokens into a prefix of >= {min_prefix} and a suffix of "
-                         f">= {min_suffix} tokens: lower min_prefix / min_suffix or use a longer text")
-    if split is None:
-        split = min_prefix + int(torch.randint(n - min_prefix - min_suffix + 1, (), generator=generator))
-    elif not min_prefix <= split <= n - min_suffix:
-        raise ValueError(f"split={split} is outside [{min_prefix}, {n - min_suffix}] for a text of {n} tokens")
-    prefix, suffix = text[:split], text[split:]
-    ex = _example("prefix_lm", suffix, prefix, n_visual, special)
-    ex = ex._replace(noise_mask=torch.zeros(n, dtype=torch.bool))
+    prefix, suffix, split = split_prefix(text, generator=generator, min_prefix=min_prefix,
+                                         min_suffix=min_suffix, split=split)
+    ex = task_example("prefix_lm", suffix, prefix, n_visual, special)
+    ex = ex._replace(noise_mask=torch.zeros(len(text), dtype=torch.bool))
     return PrefixLMSplit(prefix, suffix, int(split), ex, unified_mask(ex.n_visual, ex.n_encoder, ex.n_decoder))

@@ -1,0 +1,89 @@
+"""Visual questions over a :class:`SceneBank`, for any VQA model: training batches, fixed evaluation questions,
+and questions as people type them, normalised to the world's wording.
+
+    bank = SceneBank.build("train", 10_000, image_size=32, n_augmented=6000)
+    sampler = VQASampler(bank, lang="both", aug_fraction=0.5)
+    batch = sampler.batch_fn(torch.Generator().manual_seed(0), 64)   # images, questions, answers, qtypes, langs
+    qs = eval_questions(test_bank.scenes)            # [(scene index, QA)]: one question of every type per scene
+    normalise_question("What COLOR is the circle")   # "what colour is the circle?"
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Sequence
+
+import torch
+
+from mmkit.data.scenes import SceneBank
+from mmkit.data.text import QTYPES, questions, sample_question
+
+__all__ = ["question_language", "normalise_question", "VQASampler", "eval_questions"]
+
+_CJK = re.compile(r"[\u3400-\u9fff\uff01-\uff1f]")
+
+
+def question_language(question: str) -> str:
+    """"zh" if the question holds a Chinese character or full-width punctuation, else "en"."""
+    return "zh" if _CJK.search(question) else "en"
+
+
+def normalise_question(question: str) -> str:
+    """The question as the world writes them: stripped, lower case, British "colour" / American "center" (the
+    world's words), one trailing "?" ("？" in Chinese). "What COLOR is the circle" -> "what colour is the circle?"."""
+    q = re.sub(r"\s+", " ", question).strip()
+    if question_language(q) == "en":
+        q = q.lower()
+        q = re.sub(r"\bcolou?rs?\b", lambda m: "colours" if m.group(0).endswith("s") else "colour", q)
+        q = re.sub(r"\bcentre\b", "center", q)
+        q = re.sub(r"\s*[?.!]*$", "", q) + "?"
+    else:
+        q = re.sub(r"[?？。!！\s]*$", "", q) + "？"
+    return q
+
+
+class VQASampler:
+    """Random training questions over a bank: a scene at random, its language, a question type uniformly among
+    those the scene has, a question of it (:func:`mmkit.data.text.sample_question`), the clean or augmented view.
+    """
+
+    def __init__(self, bank: SceneBank, lang: str = "both", aug_fraction: float = 0.0):
+        if lang not in ("en", "zh", "both"):
+            raise ValueError(f"lang must be 'en', 'zh' or 'both', got {lang!r}")
+        if not 0.0 <= aug_fraction <= 1.0:
+            raise ValueError(f"aug_fraction must be in [0, 1], got {aug_fraction}")
+        if aug_fraction > 0 and bank.n_augmented == 0:
+            raise ValueError("aug_fraction > 0 needs a SceneBank built with n_augmented > 0 augmented views")
+        self.bank, self.lang, self.aug_fraction = bank, lang, aug_fraction
+
+    def batch_fn(self, generator: torch.Generator, batch_size: int) -> dict:
+        """``batch_fn`` for :func:`mmkit.train.train`: {"images": (B, 3, S, S), "questions", "answers", "qtypes",
+        "langs": [str] * B, "augmented": (B,) bool}."""
+        rng = random.Random(int(torch.randint(2**62, (), generator=generator)))
+        n_aug = self.bank.n_augmented
+        images, qs, ans, types, langs, augs = [], [], [], [], [], []
+        for _ in range(batch_size):
+            i = rng.randrange(len(self.bank))
+            lang = rng.choice(("en", "zh")) if self.lang == "both" else self.lang
+            qa = sample_question(self.bank.scenes[i], lang, seed=rng.randrange(2**31))
+            aug = i < n_aug and rng.random() < self.aug_fraction
+            images.append(self.bank.image(i, aug))
+            qs.append(qa.question), ans.append(qa.answer), types.append(qa.qtype), langs.append(lang), augs.append(aug)
+        return {"images": torch.stack(images), "questions": qs, "answers": ans, "qtypes": types, "langs": langs,
+                "augmented": torch.tensor(augs)}
+
+
+def eval_questions(scenes: Sequence, seed: int = 0, qtypes: Sequence[str] = QTYPES) -> list[tuple[int, object]]:
+    """Fixed evaluation questions: for each scene one question of every type it has (languages alternate between
+    scenes, the question within a type drawn from ``seed``). Returns [(scene index, QA)]."""
+    rng = random.Random(seed)
+    out = []
+    for i, scene in enumerate(scenes):
+        lang = ("en", "zh")[i % 2]
+        by_type: dict = {}
+        for qa in questions(scene, lang):
+            by_type.setdefault(qa.qtype, []).append(qa)
+        for t in qtypes:
+            if t in by_type:
+                out.append((i, rng.choice(by_type[t])))
+    return out

@@ -1,0 +1,89 @@
+"""VQA evaluation for any system: exact-match accuracy per question type and language, against blind baselines.
+
+    ev = score_answers([(question, gold, predicted, qtype, lang), ...])   # VQAEval(accuracy, per_type, per_lang, ..)
+    prior = AnswerPrior.fit(train_questions, train_answers)               # most frequent answer per question string
+    blind = score_answers([(q, a, prior(q), t, l) for q, a, t, l in test_items])   # what a model that never
+                                                                                  # looks at the image gets
+
+Every VQA model of the kit (M6's generated answers, VLMo's classifier, mPLUG's decoder) is scored the same way:
+answers are compared after lower-casing and collapsing spaces. The *blind baseline* answers from the question
+alone: the most frequent training answer for the exact question string (else for its question type and language,
+else overall). A learning floor means something only above it (house rule: computed in the test, not a comment).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import NamedTuple, Sequence
+
+from mmkit.data.text import QTYPES
+
+__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior"]
+
+
+class VQAAnswer(NamedTuple):
+    """One answer as the VQA app shows it (every system's ``answer()`` returns these fields)."""
+    answer: str                   # the answer text (generated, or the top class)
+    confidence: float             # the model's probability of that answer
+    alternatives: list            # [(answer, probability)] the world's answers for the question's language, most
+                                  # likely first (top_k of them)
+    question: str                 # the normalised question the model read
+    lang: str                     # "en" or "zh"
+    in_vocabulary: bool           # the answer is one of the world's answers
+
+
+class VQAEval(NamedTuple):
+    accuracy: float               # exact-match accuracy over all questions (answer == gold)
+    per_type: dict                # {qtype: accuracy}
+    per_lang: dict                # {"en": accuracy, "zh": accuracy}
+    n_questions: int
+    records: list                 # [(question, gold, predicted, qtype, lang)] of every question
+
+
+def normal_answer(text: str) -> str:
+    """Answers compare lower-cased with single spaces: "Top  Left" == "top left"."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def score_answers(records: Sequence[tuple[str, str, str, str, str]]) -> VQAEval:
+    """Exact-match accuracy of ``records`` [(question, gold, predicted, qtype, lang)], overall, per type, per
+    language (types in the world's order)."""
+    records = list(records)
+    per_type, per_lang = {}, {}
+    for key, table in ((3, per_type), (4, per_lang)):
+        groups: dict = {}
+        for r in records:
+            groups.setdefault(r[key], []).append(normal_answer(r[1]) == normal_answer(r[2]))
+        table.update({k: sum(v) / len(v) for k, v in groups.items()})
+    order = [t for t in QTYPES if t in per_type] + sorted(t for t in per_type if t not in QTYPES)
+    acc = sum(normal_answer(r[1]) == normal_answer(r[2]) for r in records) / max(len(records), 1)
+    return VQAEval(acc, {t: per_type[t] for t in order}, per_lang, len(records), records)
+
+
+class AnswerPrior:
+    """The blind baseline: the most frequent training answer for the exact question string, backing off to the
+    most frequent answer of the question's type and language, then to the overall most frequent answer."""
+
+    def __init__(self, by_question: dict, by_type: dict, overall: str):
+        self.by_question, self.by_type, self.overall = by_question, by_type, overall
+
+    @classmethod
+    def fit(cls, questions: Sequence[str], answers: Sequence[str], qtypes: Sequence[str] | None = None,
+            langs: Sequence[str] | None = None) -> "AnswerPrior":
+        if len(questions) != len(answers) or not questions:
+            raise ValueError(f"need one answer per question (non-empty), got {len(questions)} and {len(answers)}")
+        qtypes = list(qtypes) if qtypes is not None else [""] * len(questions)
+        langs = list(langs) if langs is not None else [""] * len(questions)
+        per_q: dict[str, Counter] = {}
+        per_t: dict[tuple[str, str], Counter] = {}
+        for q, a, t, lg in zip(questions, answers, qtypes, langs):
+            per_q.setdefault(q, Counter())[a] += 1
+            per_t.setdefault((t, lg), Counter())[a] += 1
+        overall = Counter(answers).most_common(1)[0][0]
+        return cls({q: c.most_common(1)[0][0] for q, c in per_q.items()},
+                   {k: c.most_common(1)[0][0] for k, c in per_t.items()}, overall)
+
+    def __call__(self, question: str, qtype: str = "", lang: str = "") -> str:
+        if question in self.by_question:
+            return self.by_question[question]
+        return self.by_type.get((qtype, lang), self.overall)

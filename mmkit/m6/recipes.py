@@ -1,0 +1,137 @@
+"""M6's recipes: how each shipped M6 checkpoint is made (``mmkit train NAME`` runs one; ``mmkit.load`` runs a
+missing one once and caches it).
+
+    m6-tiny-pretrained   M6 §3.3 four-task pretraining (stage 0 trains the CNN first)      from scratch
+    m6-tiny-itm          M6 §4.6 image-text matching head                                  <- m6-tiny-pretrained
+    m6-tiny-vqa          M6 §4.2 generative VQA, EN + ZH, drawing augmentations            <- m6-tiny-pretrained
+    m6-tiny-t2i          M6 §4.1 code LM on vqgan-world codes                              <- m6-tiny-pretrained,
+                                                                                              vqgan-world
+
+Each recipe writes ``model.safetensors`` + ``config.json`` (+ trainer state) into the folder it is given and
+returns the metrics it measured, which :func:`mmkit.hub.run_recipe` stores in ``recipe.json``. A recipe that
+starts from another checkpoint loads it here, visibly, with :func:`mmkit.hub.load` (its ``needs``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import mmkit.hub as hub
+from mmkit.config import build_model, load_config
+from mmkit.m6.tasks.itm import ITM_TRAIN, ITM_TRAIN_FAST, finetune_itm, itm_model_from_pretrained
+from mmkit.m6.tasks.pretrain import pretrain, recipe_configs
+from mmkit.m6.tasks.t2i import (HELDOUT_PAIRS, RECIPE_TRAIN as T2I_TRAIN, RECIPE_TRAIN_FAST as T2I_TRAIN_FAST,
+                                SamplingConfig, T2IDataConfig, eval_prompts, evaluate_t2i, finetune_t2i)
+from mmkit.m6.tasks.vqa import VQA_TRAIN, VQA_TRAIN_FAST, VQAConfig, finetune_vqa, zero_shot_answers
+from mmkit.registry import recipe
+from mmkit.tokenizer import world_tokenizer
+from mmkit.train import TrainConfig, save_checkpoint
+
+__all__ = ["train_m6_tiny_pretrained", "train_m6_tiny_itm", "train_m6_tiny_vqa", "train_m6_tiny_t2i"]
+
+
+def _r4(v) -> float:
+    return round(float(v), 4)
+
+
+@recipe("m6-tiny-pretrained", "M6 tiny pretrained on the four M6 §3.3 tasks (EN + ZH world text and captions)",
+        config="m6-tiny")
+def train_m6_tiny_pretrained(out_dir: Path, fast: bool) -> dict:
+    pcfg, tcfg = recipe_configs(fast)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(load_config("m6-tiny"))
+    run = pretrain(model, pcfg, tcfg)
+    final = run.result.evals[-1] if run.result.evals else run.evaluator(model)
+    save_checkpoint(out_dir, model, step=run.result.step, train_config=tcfg, history=run.result.history,
+                    evals=run.result.evals, extra={"pretrain_config": asdict(pcfg),
+                                                   "mixed_precision": run.result.mixed_precision,
+                                                   "extractor_losses": run.extractor.losses if run.extractor else []})
+    metrics = {k: _r4(v) for k, v in final.items() if k != "step"}
+    if run.extractor is not None:
+        metrics.update({f"extractor_{k}_acc": _r4(v) for k, v in run.extractor.accuracy.items()})
+    metrics.update(steps=run.result.step, train_seconds=round(run.result.seconds, 1),
+                   cpu_seconds=round(run.cpu_seconds, 1), first_loss=_r4(run.result.history[0]["loss"]),
+                   last_loss=_r4(run.result.history[-1]["loss"]), wall_seconds=round(run.wall_seconds, 1),
+                   torch_threads=torch.get_num_threads())
+    return metrics
+
+
+@recipe("m6-tiny-itm", "M6 tiny fine-tuned for image-text matching (M6 §4.6): substituted-caption negatives",
+        config="m6-tiny-itm", needs=("m6-tiny-pretrained",))
+def train_m6_tiny_itm(out_dir: Path, fast: bool) -> dict:
+    tcfg = TrainConfig(**(ITM_TRAIN_FAST if fast else ITM_TRAIN))
+    torch.manual_seed(tcfg.seed)
+    model = itm_model_from_pretrained(hub.load("m6-tiny-pretrained"))
+    run = finetune_itm(model, tcfg, n_train=1000 if fast else 4000, n_eval=128 if fast else 512)
+    hist = run.result.history
+    save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
+                    history=hist[::10] + ([hist[-1]] if len(hist) % 10 != 1 else []))   # every 10th step: small
+    ev = run.eval
+    return {"itm_acc": _r4(ev.accuracy), "positive_acc": _r4(ev.positive_acc), "n_eval": ev.n,
+            **{f"acc_{k}": _r4(v) for k, v in ev.per_kind.items()},
+            **{f"ranking_{k}": _r4(v) for k, v in ev.ranking.items()},
+            "steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
+            "last_loss": _r4(sum(h["loss"] for h in hist[-20:]) / len(hist[-20:])),
+            "train_seconds": round(run.result.seconds, 1), "wall_seconds": round(run.seconds, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+@recipe("m6-tiny-vqa", "M6 tiny fine-tuned for generative VQA (M6 §4.2 'question ... answer:'), EN + ZH, "
+        "with drawing augmentations", config="m6-tiny", needs=("m6-tiny-pretrained",))
+def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
+    tcfg = TrainConfig(**(VQA_TRAIN_FAST if fast else VQA_TRAIN))
+    cfg = VQAConfig(n_scenes=2000, n_augmented=2000) if fast else VQAConfig()
+    torch.manual_seed(tcfg.seed)
+    run = finetune_vqa(hub.load("m6-tiny-pretrained").train(), train_config=tcfg, config=cfg,
+                       n_eval=100 if fast else 400)
+    _, zs_gen, zs_rank = zero_shot_answers(hub.load("m6-tiny-pretrained"), n=50 if fast else 200)
+    hist = run.result.history
+    save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
+                    history=hist[::25] + [hist[-1]], extra={"vqa_config": asdict(cfg)})
+    return {"test_acc": _r4(run.eval.accuracy), "test_n_questions": run.eval.n_questions,
+            **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_type.items()},
+            **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_lang.items()},
+            "augmented_acc": _r4(run.eval_augmented.accuracy),
+            **{f"augmented_acc_{k}": _r4(v) for k, v in run.eval_augmented.per_type.items()},
+            "zero_shot_generated_acc": _r4(zs_gen.accuracy), "zero_shot_ranked_acc": _r4(zs_rank.accuracy),
+            **{f"zero_shot_ranked_acc_{k}": _r4(v) for k, v in zs_rank.per_type.items()},
+            "steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
+            "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
+            "train_seconds": round(run.result.seconds, 1), "wall_seconds": round(run.seconds, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+@recipe("m6-tiny-t2i", "M6 tiny text-to-image code LM (M6 §4.1) on vqgan-world codes, EN + ZH prompts",
+        config="m6-tiny-t2i", needs=("m6-tiny-pretrained", "vqgan-world"))
+def train_m6_tiny_t2i(out_dir: Path, fast: bool) -> dict:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    tok = world_tokenizer()
+    vqgan = hub.load("vqgan-world")
+    pretrained = hub.load("m6-tiny-pretrained")
+    tcfg = TrainConfig(**(T2I_TRAIN_FAST if fast else T2I_TRAIN), progress_bar=not fast)
+    dcfg = T2IDataConfig(n_scenes=800 if fast else T2IDataConfig.n_scenes)
+    run = finetune_t2i(pretrained, vqgan, tok, tcfg, dcfg, val_scenes=128 if fast else 256)
+    if not run.after["code_loss"] < run.before["code_loss"] - 1.0:
+        raise RuntimeError(f"m6-tiny-t2i did not learn: val code loss {run.before['code_loss']:.3f} -> "
+                           f"{run.after['code_loss']:.3f}")
+    n_eval = 32 if fast else 128
+    metrics = {"val_code_loss_before": _r4(run.before["code_loss"]), "val_code_acc_before":
+               _r4(run.before["code_acc"]), "val_code_loss": _r4(run.after["code_loss"]),
+               "val_code_acc": _r4(run.after["code_acc"])}
+    sampling = SamplingConfig(n_samples=1)
+    for kind in ("heldout", "unseen_pairs"):
+        ev = evaluate_t2i(run.model, vqgan, tok, eval_prompts(n_eval, kind), sampling)
+        metrics.update({f"{kind}_{k}": _r4(v) for k, v in ev.items() if k.startswith("first_")})
+    save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
+                    history=[{k: _r4(v) if isinstance(v, float) else v for k, v in h.items()}
+                             for h in run.result.history[::10]],
+                    extra={"data_config": dict(asdict(dcfg))})
+    metrics.update(steps=run.result.step, first_loss=_r4(run.result.history[0]["loss"]),
+                   last_loss=_r4(run.result.history[-1]["loss"]), train_seconds=round(run.result.seconds, 1),
+                   wall_seconds=round(time.perf_counter() - t0, 1),
+                   cpu_seconds=round(time.process_time() - cpu0, 1), torch_threads=torch.get_num_threads(),
+                   train_scenes=len(run.data), heldout_pairs=[list(p) for p in HELDOUT_PAIRS])
+    return metrics

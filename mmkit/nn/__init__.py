@@ -1,0 +1,20 @@
+"""Shared layers, written once and tested against Hugging Face modules: every system composes these.
+
+    attention.py   boolean masks (True = may attend), KVCache, MultiHeadAttention (self / cross, SDPA)
+    blocks.py      FeedForward, TransformerBlock (pre / post-norm, optional cross-attention, pluggable FFN)
+    embeddings.py  patch / CNN features, 1-D / 2-D positions, segment types
+    moe.py         Mixture-of-Experts FFN and expert parallelism (M6 §3.4)
+    init.py        BERT-style initialisation
+"""
+from mmkit.nn.attention import (KVCache, MultiHeadAttention, causal_mask, check_mask, combine_masks, padding_mask,
+                                to_additive)
+from mmkit.nn.blocks import ACTIVATIONS, FeedForward, TransformerBlock
+from mmkit.nn.embeddings import (ChannelLayerNorm, ConvFeatureExtractor, PatchEmbedding, PatchFeatures,
+                                 PositionEmbedding, PositionEmbedding2D, TypeEmbedding)
+from mmkit.nn.init import init_weights
+
+__all__ = [
+    "causal_mask", "padding_mask", "combine_masks", "to_additive", "check_mask", "KVCache", "MultiHeadAttention",
+    "ACTIVATIONS", "FeedForward", "TransformerBlock", "PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures",
+    "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding", "init_weights",
+]

@@ -1,0 +1,189 @@
+"""Inputs as sequences: image patches (linear or CNN features), 1-D / 2-D positions, segment types.
+
+* ``PatchEmbedding``   ViT / VLMo linear patch projection
+* ``ConvFeatureExtractor`` M6's CNN patch features (a laptop-scale stand-in for ResNet-50)
+* ``PositionEmbedding``, ``PositionEmbedding2D``, ``TypeEmbedding``
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "ChannelLayerNorm", "PositionEmbedding",
+           "PositionEmbedding2D", "TypeEmbedding", "pair"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image inputs
+# ---------------------------------------------------------------------------------------------------------
+
+def pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class PatchEmbedding(nn.Module):
+    """Split an image into P x P patches and project each linearly to D (ViT; VLMo §3.1; mPLUG §3.1).
+
+    VLMo §3.1: the image (C, H, W) becomes N = HW / P^2 patches of P^2 C values, each multiplied by a
+    (P^2 C) x D matrix. A Conv2d with kernel = stride = P computes exactly that linear map on every
+    non-overlapping patch (same weights, just stored as (D, C, P, P)), so we use one. Output (B, N, D), the
+    patches in row-major (raster) order; ``grid_size`` = (H/P, W/P).
+    """
+
+    def __init__(self, image_size: int | tuple[int, int], patch_size: int | tuple[int, int],
+                 in_channels: int = 3, *, d_model: int):
+        super().__init__()
+        self.image_size, self.patch_size = pair(image_size), pair(patch_size)
+        (H, W), (P, Q) = self.image_size, self.patch_size
+        if H % P or W % Q:
+            raise ValueError(f"image_size {H}x{W} is not divisible by patch_size {P}x{Q}; choose a patch size "
+                             "that divides the image size, or resize the images")
+        self.in_channels = in_channels
+        self.grid_size = (H // P, W // Q)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_channels, d_model, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_channels, *self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"PatchEmbedding expects images of shape (B, {', '.join(map(str, expected))}), got "
+                             f"{tuple(images.shape)}; resize the images or build it with that image_size")
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
+
+
+class PatchFeatures(NamedTuple):
+    features: torch.Tensor          # (B, N, D), N = h * w grid cells in row-major order
+    grid_size: tuple[int, int]      # (h, w)
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over channels at each pixel of a (B, C, H, W) map: batch-independent and local."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # normalise C, keep (B, C, H, W)
+
+
+class ConvFeatureExtractor(nn.Module):
+    """A small CNN that turns an image into a grid of patch features, lined up as a sequence (M6 §3.1).
+
+    M6 §3.1 splits an image into patches, extracts each patch's features with a trained feature extractor
+    (ResNet-50) and lines them up by position. At laptop scale a few strided conv stages stand in for the
+    ResNet: each stage is conv3x3(stride s) -> LayerNorm over channels -> ReLU, so the output grid is the
+    image downsampled by prod(strides) and cell (i, j) describes the patch under its receptive field. The norm
+    is per pixel (not BatchNorm/GroupNorm), so a cell's features depend only on nearby pixels, never on batch
+    or whole-image statistics. Neighbouring cells share some context (their receptive fields overlap), unlike
+    running the CNN on each cropped patch; the result is the same kind of sequence. A 1x1 conv projects each
+    cell to ``d_model``.
+
+    ``forward(images)`` -> :class:`PatchFeatures` ``(features (B, N, D), grid_size (h, w))``.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (32, 64),
+                 strides: tuple[int, ...] | None = None, *, d_model: int):
+        super().__init__()
+        strides = tuple(strides) if strides is not None else (2,) * len(channels)  # halve per stage by default
+        if len(strides) != len(channels):
+            raise ValueError(f"strides {strides} and channels {tuple(channels)} must have the same length "
+                             "(one per stage)")
+        self.strides, self.in_channels = strides, in_channels
+        layers, c_in = [], in_channels
+        for c, s in zip(channels, strides):
+            layers += [nn.Conv2d(c_in, c, 3, stride=s, padding=1), ChannelLayerNorm(c), nn.ReLU()]
+            c_in = c
+        self.stages = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, d_model, kernel_size=1)  # per-cell linear map to the model width
+
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) feature grid for an image of ``image_size``: N = h * w positions to embed."""
+        h, w = pair(image_size)
+        for s in self.strides:
+            h, w = (h - 1) // s + 1, (w - 1) // s + 1  # conv3x3, padding 1: ceil(size / s)
+        return h, w
+
+    def forward(self, images: torch.Tensor) -> PatchFeatures:
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(f"ConvFeatureExtractor expects images (B, C={self.in_channels}, H, W), "
+                             f"got {tuple(images.shape)}")
+        f = self.proj(self.stages(images))                       # (B, D, h, w)
+        return PatchFeatures(f.flatten(2).transpose(1, 2), (f.shape[2], f.shape[3]))  # (B, h*w, D)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Position and type embeddings
+# ---------------------------------------------------------------------------------------------------------
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute 1-D position embeddings (BERT; VLMo §3.1 V_pos and T_pos).
+
+    ``pe(L)`` returns (1, L, D) for positions 0..L-1; ``pe(L, offset=cache.length)`` for the L new tokens of an
+    incremental decoding step; ``pe(position_ids=ids)`` (B, L) for arbitrary positions. Add the result to the
+    token embeddings.
+    """
+
+    def __init__(self, max_len: int, d_model: int):
+        super().__init__()
+        self.max_len = max_len
+        self.weight = nn.Parameter(torch.randn(max_len, d_model) * 0.02)  # (max_len, D)
+
+    def forward(self, length: int | None = None, offset: int = 0,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is not None:
+            hi = int(position_ids.max()) if position_ids.numel() else -1
+            if hi >= self.max_len or (position_ids.numel() and int(position_ids.min()) < 0):
+                raise ValueError(f"position id {hi} is outside 0..{self.max_len - 1} (max_len={self.max_len}); "
+                                 "raise max_len in the config or truncate the inputs")
+            return self.weight[position_ids]                     # (B, L, D)
+        if length is None:
+            raise ValueError("PositionEmbedding needs a length (and optional offset) or position_ids")
+        if offset + length > self.max_len:
+            raise ValueError(f"positions {offset}..{offset + length - 1} exceed max_len={self.max_len} of this "
+                             "PositionEmbedding; raise max_len in the config or truncate the inputs")
+        return self.weight[offset:offset + length].unsqueeze(0)  # (1, L, D)
+
+
+class PositionEmbedding2D(nn.Module):
+    """Learned 2-D position embeddings for a patch grid: ``row[i] + col[j]`` for the cell (i, j).
+
+    Factorised rows/columns (h + w vectors instead of h * w) tell the model where a patch (or an M6 §3.1 CNN
+    feature) sits in the image. ``pe2d()`` returns (1, h*w, D) in the same row-major order as
+    :class:`PatchEmbedding` / :class:`ConvFeatureExtractor` output; ``pe2d((h, w))`` a smaller grid's top-left.
+    """
+
+    def __init__(self, grid_size: int | tuple[int, int], d_model: int):
+        super().__init__()
+        self.grid_size = pair(grid_size)
+        self.row = nn.Parameter(torch.randn(self.grid_size[0], d_model) * 0.02)  # (h, D)
+        self.col = nn.Parameter(torch.randn(self.grid_size[1], d_model) * 0.02)  # (w, D)
+
+    def forward(self, grid_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        h, w = self.grid_size if grid_size is None else pair(grid_size)
+        if h > self.grid_size[0] or w > self.grid_size[1]:
+            raise ValueError(f"grid {h}x{w} is larger than this PositionEmbedding2D's "
+                             f"{self.grid_size[0]}x{self.grid_size[1]}; build it with a larger grid_size")
+        pos = self.row[:h, None, :] + self.col[None, :w, :]   # (h, w, D)
+        return pos.reshape(1, h * w, -1)                       # (1, h*w, D)
+
+
+class TypeEmbedding(nn.Module):
+    """Learned segment / modality type embeddings (BERT token types; M6 §3.1; VLMo §3.1 V_type, T_type).
+
+    ``te(ids)`` with a (B, L) long tensor -> (B, L, D); ``te(1)`` with an int -> (1, 1, D) broadcasting over
+    a whole sequence of one type (e.g. all image patches).
+    """
+
+    def __init__(self, n_types: int, d_model: int):
+        super().__init__()
+        self.n_types = n_types
+        self.weight = nn.Parameter(torch.randn(n_types, d_model) * 0.02)  # (n_types, D)
+
+    def forward(self, type_ids: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(type_ids, int):
+            if not 0 <= type_ids < self.n_types:
+                raise ValueError(f"type id {type_ids} is outside 0..{self.n_types - 1} (n_types={self.n_types})")
+            return self.weight[type_ids].view(1, 1, -1)        # (1, 1, D)
+        if type_ids.numel() and (int(type_ids.min()) < 0 or int(type_ids.max()) >= self.n_types):
+            raise ValueError(f"type ids must lie in 0..{self.n_types - 1} (n_types={self.n_types}), got values "
+                             f"{int(type_ids.min())}..{int(type_ids.max())}")
+        return self.weight[type_ids]                           # (B, L, D)
