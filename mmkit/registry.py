@@ -26,7 +26,7 @@ __all__ = [
     "register_model", "model_entry", "model_types", "register_preset", "preset", "preset_names",
     "Recipe", "register_recipe", "recipe", "get_recipe", "recipe_names",
     "register_loader", "loader",
-    "VQAModelEntry", "register_vqa_model", "vqa_entries", "T2IModelEntry", "register_t2i_model", "t2i_entries",
+    "LoadsOnce", "VQAModelEntry", "register_vqa_model", "vqa_entries", "T2IModelEntry", "register_t2i_model", "t2i_entries",
     "SYSTEMS", "missing_hint",
 ]
 
@@ -138,8 +138,18 @@ def loader(kind: str) -> Callable[..., Any] | None:
 # App entries: which models the Gradio apps offer
 # ---------------------------------------------------------------------------------------------------------
 
+class LoadsOnce:
+    """An app entry's ``model()``: its ``load()`` result, loaded once per process (thread-safe)."""
+
+    def model(self):
+        with self.lock:
+            if "model" not in self.cache:
+                self.cache["model"] = self.load()
+            return self.cache["model"]
+
+
 @dataclass(frozen=True)
-class VQAModelEntry:
+class VQAModelEntry(LoadsOnce):
     """A model that ``apps/vqa.py`` can ask.
 
     ``answer(model, image, question)`` takes ``image`` as a float (3, S, S) tensor in [0, 1] (what
@@ -157,16 +167,9 @@ class VQAModelEntry:
     cache: dict = field(default_factory=dict, compare=False, repr=False)
     lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
-    def model(self):
-        """The loaded model, loaded once per process (thread-safe)."""
-        with self.lock:
-            if "model" not in self.cache:
-                self.cache["model"] = self.load()
-            return self.cache["model"]
-
 
 @dataclass(frozen=True)
-class T2IModelEntry:
+class T2IModelEntry(LoadsOnce):
     """A text-to-image generator that ``apps/text_to_image.py`` can run.
 
     ``load()`` returns whatever the functions need (e.g. the code LM, the VQGAN, the tokenizer, a reranker);
@@ -185,12 +188,6 @@ class T2IModelEntry:
     image_size: int = 32
     cache: dict = field(default_factory=dict, compare=False, repr=False)
     lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
-
-    def model(self):
-        with self.lock:
-            if "model" not in self.cache:
-                self.cache["model"] = self.load()
-            return self.cache["model"]
 
 
 _VQA: dict[str, VQAModelEntry] = {}

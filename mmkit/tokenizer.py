@@ -26,6 +26,7 @@ import torch
 
 import mmkit.registry as registry
 from mmkit.hub import checkpoint_dir
+from mmkit.data import text_corpus
 
 __all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "SpecialIds", "train_tokenizer", "train_world_tokenizer",
            "load_tokenizer", "world_tokenizer", "pad_texts", "decode", "decode_rows", "join_text",
@@ -147,8 +148,6 @@ def _wrap(tk):
 
 def train_world_tokenizer(n_scenes: int = 4000, vocab_size: int = 2000, split: str = "train"):
     """The kit's tokenizer: WordPiece trained on every kind of text the Shapes World produces, EN + ZH."""
-    from mmkit.data import text_corpus
-
     return train_tokenizer(text_corpus(n_scenes, split=split, langs=("en", "zh")), vocab_size=vocab_size)
 
 

@@ -70,6 +70,7 @@ import torch
 import torch.nn as nn
 
 from mmkit.io import atomic_write_json
+from mmkit.config import config_to_dict
 
 __all__ = [
     "TrainConfig", "TrainResult", "train", "lr_factor", "default_param_groups", "local_clip_fn",
@@ -476,7 +477,6 @@ def _model_config_dict(model: nn.Module) -> dict | None:
     if cfg is None:
         return None
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        from mmkit.config import config_to_dict
         return config_to_dict(cfg)
     if hasattr(cfg, "to_dict"):                       # a transformers PretrainedConfig
         return cfg.to_dict()

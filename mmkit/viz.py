@@ -7,6 +7,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
+from mmkit.io import atomic_write_bytes
+
 
 def make_grid(images: Sequence[Image.Image], ncols: int | None = None, captions: Sequence[str] | None = None,
               scale: int = 2, pad: int = 4, caption_lines: int = 3) -> Image.Image:
@@ -35,7 +37,6 @@ def make_grid(images: Sequence[Image.Image], ncols: int | None = None, captions:
 
 
 def save_grid(images: Sequence[Image.Image], path: str | Path, **kwargs) -> Path:
-    from mmkit.io import atomic_write_bytes
     import io
 
     buf = io.BytesIO()

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmkit.nn import (
-    ConvFeatureExtractor, FeedForward, KVCache, MultiHeadAttention, PatchEmbedding, PositionEmbedding,
+    ConvFeatureExtractor, FeedForward, ImageEmbeddings, KVCache, TextEmbeddings, MultiHeadAttention, PatchEmbedding, PositionEmbedding,
     PositionEmbedding2D, TransformerBlock, TypeEmbedding, causal_mask, check_mask, combine_masks, init_weights,
     padding_mask, to_additive,
 )
@@ -209,6 +209,63 @@ def test_patch_embedding_matches_vit_and_is_a_linear_on_patches():
         flat = flat.permute(0, 2, 3, 1, 4, 5).reshape(2, 16, 3 * 16)  # (B, N, C*P*P)
         linear = flat @ pe.proj.weight.reshape(D, -1).T + pe.proj.bias
         torch.testing.assert_close(patches, linear, atol=ATOL, rtol=0)
+
+
+def test_image_embeddings_match_vit_with_and_without_masked_patches():
+    from transformers import ViTConfig
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+    cfg = ViTConfig(hidden_size=D, image_size=16, patch_size=4, num_channels=3, hidden_dropout_prob=0.0)
+    hf = _perturb(ViTEmbeddings(cfg, use_mask_token=True)).eval()
+    ours = ImageEmbeddings(16, 4, 3, d_model=D, mask_token=True).eval()
+    _copy(ours.patch.proj, hf.patch_embeddings.projection)
+    with torch.no_grad():
+        ours.cls_token.copy_(hf.cls_token)
+        ours.mask_token.copy_(hf.mask_token)
+        ours.pos_embed.weight.copy_(hf.position_embeddings[0])
+        images = torch.randn(2, 3, 16, 16)
+        masked = torch.rand(2, 16) < 0.4                                # BEiT-style masked positions
+        torch.testing.assert_close(ours(images), hf(images), atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(images, masked), hf(images, bool_masked_pos=masked), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="mask token"):
+        ImageEmbeddings(16, 4, 3, d_model=D)(images, masked)
+
+
+def test_image_embeddings_match_clip_vision_embeddings_with_pre_norm():
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings, CLIPVisionModel
+    cfg = CLIPVisionConfig(hidden_size=D, image_size=16, patch_size=4, num_channels=3, intermediate_size=DFF,
+                           num_attention_heads=H, num_hidden_layers=1)
+    hf = _perturb(CLIPVisionEmbeddings(cfg)).eval()
+    pre = _perturb(CLIPVisionModel(cfg).pre_layrnorm).eval()
+    ours = ImageEmbeddings(16, 4, 3, d_model=D, patch_bias=False, pre_norm=True, layer_norm_eps=cfg.layer_norm_eps).eval()
+    assert ours.patch.proj.bias is None
+    with torch.no_grad():
+        ours.patch.proj.weight.copy_(hf.patch_embedding.weight)
+        ours.cls_token.copy_(hf.class_embedding.view(1, 1, -1))
+        ours.pos_embed.weight.copy_(hf.position_embedding.weight)
+        _copy(ours.pre_norm, pre)
+        images = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(ours(images), pre(hf(images)), atol=ATOL, rtol=0)
+
+
+def test_text_embeddings_match_bert_embeddings_and_offset_positions():
+    from transformers.models.bert.modeling_bert import BertEmbeddings
+    cfg = _bert_config(vocab_size=50, max_position_embeddings=20, type_vocab_size=2)
+    hf = _perturb(BertEmbeddings(cfg)).eval()
+    ours = TextEmbeddings(50, D, max_len=20, n_types=2, layer_norm_eps=1e-12).eval()
+    with torch.no_grad():
+        ours.word.weight.copy_(hf.word_embeddings.weight)
+        ours.pos.weight.copy_(hf.position_embeddings.weight)
+        ours.token_type.weight.copy_(hf.token_type_embeddings.weight)
+        _copy(ours.norm, hf.LayerNorm)
+        ids, types = torch.randint(0, 50, (2, 7)), torch.randint(0, 2, (2, 7))
+        torch.testing.assert_close(ours(ids, types), hf(ids, token_type_ids=types), atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours(ids), hf(ids), atol=ATOL, rtol=0)             # type 0 by default
+        # positions 3.. of a longer text: what a KV-cached decoder step embeds
+        full = ours(torch.cat([ids[:, :3], ids], 1))
+        torch.testing.assert_close(ours(ids, offset=3), full[:, 3:], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ours(torch.tensor([[50]]))
 
 
 # --- KV cache ---------------------------------------------------------------------------------------------

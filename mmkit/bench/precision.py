@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmkit.train import AUTO_BF16_MIN_WIDTH, cpu_supports_fast_bf16, resolve_mixed_precision
+
 
 class _MLPBlock(nn.Module):
     """Pre-LN residual feed-forward block: x + W2 GELU(W1 LN(x)), hidden 4x wide."""
@@ -90,7 +92,6 @@ def measure(kind: str, width: int, layers: int, batch: int, seq: int, repeats: i
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(p.numel() for p in m32.parameters())
-    from mmkit.train import resolve_mixed_precision
 
     return {"kind": kind, "width": width, "params": n_params, "fp32_ms": 1e3 * med["fp32"],
             "bf16_ms": 1e3 * med["bf16"], "speedup": med["fp32"] / med["bf16"],
@@ -115,7 +116,6 @@ def run(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from mmkit.train import AUTO_BF16_MIN_WIDTH, cpu_supports_fast_bf16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fast CPU bf16: {cpu_supports_fast_bf16()}; "
           f"step = forward + backward + AdamW on (batch {args.batch}, seq {args.seq}, width), {args.layers} blocks")

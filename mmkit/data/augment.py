@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from mmkit.data.world import Scene, WorldObject
+from mmkit.data.preprocess import preprocess_image
 
 __all__ = ["AugmentConfig", "draw_augmented", "augmented_tensor", "augmented_batch_u8", "shape_polygon"]
 
@@ -173,8 +174,6 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: WorldObject, rng: random.Random, 
 
 def augmented_tensor(scene: Scene, rng: random.Random, size: int = 32, cfg: AugmentConfig | None = None) -> torch.Tensor:
     """:func:`draw_augmented` then :func:`mmkit.data.preprocess.preprocess_image`: float (3, size, size) in [0, 1]."""
-    from mmkit.data.preprocess import preprocess_image
-
     return preprocess_image(draw_augmented(scene, rng, cfg), size=size).tensor
 
 

@@ -64,8 +64,9 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from mmkit.data import crawl as C
+from mmkit.data import crawl as C, text as T
 from mmkit.data.crawl import decode_image, decode_text
+from mmkit.data.world import BASE_RGB, COLOURS, COLOURS_ZH, POSITIONS, SHAPES, SHAPES_ZH, sample_scene, split_seeds
 
 # --------------------------------------------------------------------------------------------------
 # Thresholds (M6 §2.3 gives the first three; the others are ours, each measured and justified)
@@ -444,8 +445,6 @@ def world_texts(n_scenes: int = 150, split: str = "train", start: int = 9_000_00
                 langs: Sequence[str] = ("en", "zh")) -> list[str]:
     """Clean Shapes World text (``text.scene_texts``: captions, questions, descriptions, poems) to train
     the language model on. The default seeds lie far from the crawl's (which starts at seed 0)."""
-    from mmkit.data import text as T
-    from mmkit.data.world import sample_scene, split_seeds
 
     out = []
     for seed in split_seeds(split, n_scenes, start=start):
@@ -459,8 +458,6 @@ def heldout_pages(n_scenes: int = 300, split: str = "val", start: int = 50_000,
                   langs: Sequence[str] = ("en", "zh")) -> dict[str, list[str]]:
     """Clean page texts of held-out scenes, as a crawl would show them: ``{"title": [...], "body": [...]}``
     (every caption style as a title, the product description as the body)."""
-    from mmkit.data import text as T
-    from mmkit.data.world import sample_scene, split_seeds
 
     titles, bodies = [], []
     for seed in split_seeds(split, n_scenes, start=start):
@@ -648,8 +645,6 @@ class ImageQuality(Rule):
 
 # ---- image-text relevance -------------------------------------------------------------------------
 def _world_vocab():
-    from mmkit.data.world import COLOURS, COLOURS_ZH, SHAPES, SHAPES_ZH
-
     return COLOURS, COLOURS_ZH, SHAPES, SHAPES_ZH
 
 
@@ -720,8 +715,6 @@ class DetectedObject(NamedTuple):
 
 @functools.lru_cache(maxsize=1)
 def _hues() -> dict[str, float]:
-    from mmkit.data.world import BASE_RGB
-
     return {c: colorsys.rgb_to_hsv(*(x / 255 for x in rgb))[0] * 360 for c, rgb in BASE_RGB.items()}
 
 
@@ -738,8 +731,6 @@ def detect_objects(img: Image.Image, min_saturation: float = 0.25, min_fraction:
     corner. Silhouettes under 7 pixels across, unclear ones, and all of them with ``shapes=False`` get
     every shape as plausible.
     """
-    from mmkit.data.world import POSITIONS
-
     a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0                # (H, W, 3)
     mx, mn = a.max(axis=2), a.min(axis=2)
     d = mx - mn

@@ -103,7 +103,8 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 from PIL import Image, ImageFilter
 
 from mmkit.data import text as T
-from mmkit.data.world import SPLITS, Scene, Rng, render, render_background, sample_scene, split_seeds
+from mmkit.data.world import (COLOURS_ZH, POSITIONS_ZH, SHAPES_ZH, SIZES_ZH, SPLITS, render, render_background, Rng,
+                              sample_scene, Scene, split_seeds)
 
 # --------------------------------------------------------------------------------------------------
 # Defect names
@@ -440,8 +441,6 @@ _ZH_POOL: list[str] = []
 def _zh_pool() -> list[str]:
     """The Chinese characters of the world's own texts (names and description templates)."""
     if not _ZH_POOL:
-        from mmkit.data.world import COLOURS_ZH, POSITIONS_ZH, SHAPES_ZH, SIZES_ZH
-
         src = "".join((*COLOURS_ZH.values(), *SHAPES_ZH.values(), *SIZES_ZH.values(), *POSITIONS_ZH.values(),
                        *T._OPEN_ZH, *T._OBJ_ZH, *T._CLOSE_ZH))
         _ZH_POOL.extend(sorted({c for c in src if 0x4E00 <= ord(c) <= 0x9FFF}))

@@ -47,6 +47,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from mmkit.data.text import CAPTION_STYLES, LANGS, caption
+from mmkit.data.world import render, sample_scene, split_seeds
+from mmkit.io import atomic_write_bytes, atomic_write_text
+
 __all__ = [
     "UserDataError", "SkippedRow", "LoadReport", "Row", "ImageTextFolder", "load_image_text_folder",
     "to_rgb", "fit_square", "load_image", "save_world_as_folder", "CAPTIONS_FILE",
@@ -370,9 +374,6 @@ def save_world_as_folder(out_dir: str | Path, n: int, *, split: str = "train", s
     ``out_dir/captions.jsonl`` (one row per image, language and caption style; ``lang="both"`` writes
     English and Chinese rows). Rows carry ``seed``, ``lang`` and ``style`` as extra keys. Returns the path
     of captions.jsonl. Refuses to overwrite an existing captions.jsonl unless ``overwrite=True``."""
-    from mmkit.data.text import CAPTION_STYLES, LANGS, caption
-    from mmkit.data.world import render, sample_scene, split_seeds
-    from mmkit.io import atomic_write_bytes, atomic_write_text
 
     langs = LANGS if lang == "both" else (lang,)
     for lg in langs:

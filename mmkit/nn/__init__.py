@@ -9,12 +9,13 @@
 from mmkit.nn.attention import (KVCache, MultiHeadAttention, causal_mask, check_mask, combine_masks, padding_mask,
                                 to_additive)
 from mmkit.nn.blocks import ACTIVATIONS, FeedForward, TransformerBlock
-from mmkit.nn.embeddings import (ChannelLayerNorm, ConvFeatureExtractor, PatchEmbedding, PatchFeatures,
-                                 PositionEmbedding, PositionEmbedding2D, TypeEmbedding)
+from mmkit.nn.embeddings import (ChannelLayerNorm, ConvFeatureExtractor, ImageEmbeddings, PatchEmbedding, PatchFeatures,
+                                 PositionEmbedding, PositionEmbedding2D, TextEmbeddings, TypeEmbedding)
 from mmkit.nn.init import init_weights
 
 __all__ = [
     "causal_mask", "padding_mask", "combine_masks", "to_additive", "check_mask", "KVCache", "MultiHeadAttention",
     "ACTIVATIONS", "FeedForward", "TransformerBlock", "PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures",
-    "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding", "init_weights",
+    "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding", "ImageEmbeddings", "TextEmbeddings",
+    "init_weights",
 ]

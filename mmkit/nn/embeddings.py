@@ -3,6 +3,8 @@
 * ``PatchEmbedding``   ViT / VLMo linear patch projection
 * ``ConvFeatureExtractor`` M6's CNN patch features (a laptop-scale stand-in for ResNet-50)
 * ``PositionEmbedding``, ``PositionEmbedding2D``, ``TypeEmbedding``
+* ``ImageEmbeddings``  [CLS] + patches + positions (ViT / BEiT / CLIP), optional [MASK] for masked image modelling
+* ``TextEmbeddings``   word + position + type, LayerNorm (BERT)
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "ChannelLayerNorm", "PositionEmbedding",
-           "PositionEmbedding2D", "TypeEmbedding", "pair"]
+           "PositionEmbedding2D", "TypeEmbedding", "pair", "ImageEmbeddings", "TextEmbeddings"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,3 +189,84 @@ class TypeEmbedding(nn.Module):
             raise ValueError(f"type ids must lie in 0..{self.n_types - 1} (n_types={self.n_types}), got values "
                              f"{int(type_ids.min())}..{int(type_ids.max())}")
         return self.weight[type_ids]                           # (B, L, D)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole input embeddings, as ViT / BEiT / CLIP and BERT have them (VLMo §3.1, mPLUG §3.1)
+# ---------------------------------------------------------------------------------------------------------
+
+class ImageEmbeddings(nn.Module):
+    """[CLS] + linear patch embeddings + learned 1-D positions (ViT; VLMo §3.1 eq. for H^v_0; mPLUG §3.1).
+
+    VLMo §3.1: ``H^v_0 = [v_[I_CLS], V v_i^p, ..., V v_N^p] + V_pos + V_type``. The type embedding belongs to the
+    multimodal model (it knows which modality it is), so it is not added here. Optional pieces:
+
+    * ``mask_token``: a learned vector that replaces the patches chosen by ``bool_masked_pos`` (B, N) (BEiT's
+      masked image modelling, VLMo §3.4 stage 1);
+    * ``pre_norm``: a LayerNorm on the whole sequence (CLIP's ``pre_layrnorm``);
+    * ``patch_bias=False``: CLIP's patch projection has no bias.
+
+    ``forward(images, bool_masked_pos=None)`` -> (B, 1 + N, D) (or (B, N, D) with ``cls_token=False``).
+    """
+
+    def __init__(self, image_size: int | tuple[int, int], patch_size: int | tuple[int, int], in_channels: int = 3,
+                 *, d_model: int, cls_token: bool = True, mask_token: bool = False, patch_bias: bool = True,
+                 pre_norm: bool = False, layer_norm_eps: float = 1e-5, dropout: float = 0.0):
+        super().__init__()
+        self.patch = PatchEmbedding(image_size, patch_size, in_channels, d_model=d_model)
+        if not patch_bias:
+            self.patch.proj.bias = None
+        self.num_patches = self.patch.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if cls_token else None            # (1, 1, D)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d_model)) if mask_token else None          # (1, 1, D)
+        self.pos_embed = PositionEmbedding(self.num_patches + int(cls_token), d_model)              # V_pos
+        self.pre_norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if pre_norm else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.patch(images)                                                   # (B, N, D)
+        B, N, _ = x.shape
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a mask token: build ImageEmbeddings(..., mask_token=True)")
+            if tuple(bool_masked_pos.shape) != (B, N):
+                raise ValueError(f"bool_masked_pos must be (B, N) = {(B, N)}, got {tuple(bool_masked_pos.shape)}")
+            m = bool_masked_pos.to(x.dtype)[..., None]                           # (B, N, 1)
+            x = x * (1 - m) + self.mask_token.to(x.dtype) * m                    # BEiT: [MASK] where masked
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)          # (B, 1 + N, D)
+        x = x + self.pos_embed(x.shape[1])
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        return self.dropout(x)
+
+
+class TextEmbeddings(nn.Module):
+    """Word + learned 1-D position (+ segment type) embeddings, LayerNorm, dropout: BERT's input (VLMo §3.1
+    ``H^w_0 = [w_[T_CLS], w_1, ..., w_M, w_[T_SEP]] + T_pos + T_type``; mPLUG's text encoder).
+
+    ``forward(input_ids, token_type_ids=None, offset=0)``: ids (B, L) -> (B, L, D); ``offset`` shifts the positions
+    (incremental decoding with a KV cache). ``n_types=0`` leaves the type embedding out.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, max_len: int = 512, n_types: int = 2, pad_token_id: int = 0,
+                 layer_norm_eps: float = 1e-12, dropout: float = 0.0):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, d_model, padding_idx=pad_token_id)
+        self.pos = PositionEmbedding(max_len, d_model)
+        self.token_type = TypeEmbedding(n_types, d_model) if n_types else None
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                offset: int = 0) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
+        V = self.word.num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            raise ValueError(f"token ids must lie in 0..{V - 1} (vocab_size), got {int(input_ids.min())}.."
+                             f"{int(input_ids.max())}; labels use -100, inputs never do")
+        x = self.word(input_ids) + self.pos(input_ids.shape[1], offset=offset)    # (B, L, D)
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids if token_type_ids is not None else 0)
+        return self.dropout(self.norm(x))

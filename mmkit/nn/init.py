@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmkit.nn.embeddings import PositionEmbedding, PositionEmbedding2D, TypeEmbedding
+from mmkit.nn.embeddings import ImageEmbeddings, PositionEmbedding, PositionEmbedding2D, TypeEmbedding
 
 __all__ = ["init_weights"]
 
@@ -36,6 +36,10 @@ def init_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (PositionEmbedding, TypeEmbedding)):
             nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, ImageEmbeddings):
+            for t in (m.cls_token, m.mask_token):
+                if t is not None:
+                    nn.init.normal_(t, mean=0.0, std=std)
         elif isinstance(m, PositionEmbedding2D):
             nn.init.normal_(m.row, mean=0.0, std=std)
             nn.init.normal_(m.col, mean=0.0, std=std)

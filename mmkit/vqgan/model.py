@@ -58,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmkit.registry import register_model, register_preset
+from mmkit.config import load_config
 
 __all__ = [
     "VQGANConfig", "VQGAN", "VQGANOutput", "CodebookStats", "codebook_usage", "hinge_d_loss", "vanilla_d_loss",
@@ -498,7 +499,6 @@ def config_from_taming(config: Any) -> VQGANConfig:
     if isinstance(config, VQGANConfig):
         return config
     if isinstance(config, str) and not Path(config).exists() and not config.endswith((".yaml", ".yml")):
-        from mmkit.config import load_config
         cfg = load_config(config)
         if not isinstance(cfg, VQGANConfig):
             raise ValueError(f"preset {config!r} is not a VQGAN config")
