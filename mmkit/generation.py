@@ -41,6 +41,7 @@ import torch.nn as nn
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mmkit.nn.modes import evaluating
 from mmkit.tokenizer import decode_rows
 
 __all__ = [
@@ -209,12 +210,8 @@ class HFGenerationAdapter(PreTrainedModel, GenerationMixin):
             raise ValueError(f"{type(self.model).__name__} has no cached step registered: use_cache=True is not "
                              "possible; leave it out (False by default for this model)")
         prefix = {k: v for k, v in (("images", images), ("encoder_ids", encoder_ids)) if v is not None}
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             return super().generate(input_ids, **prefix, **kwargs)
-        finally:
-            self.model.train(was_training)
 
 
 # =========================================================================================================

@@ -29,7 +29,7 @@ from mmkit.hub import checkpoint_dir
 from mmkit.data import text_corpus
 
 __all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "SpecialIds", "train_tokenizer", "train_world_tokenizer",
-           "load_tokenizer", "world_tokenizer", "pad_texts", "decode", "decode_rows", "join_text",
+           "load_tokenizer", "world_tokenizer", "pad_ids", "pad_texts", "decode", "decode_rows", "join_text",
            "add_image_code_tokens", "add_coordinate_tokens"]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
@@ -228,6 +228,16 @@ def world_tokenizer():
         return _WORLD["tok"]
 
 
+def pad_ids(seqs: Sequence, value: int, min_width: int = 0) -> torch.Tensor:
+    """Right-pad id sequences (lists or 1-D tensors) with ``value`` into one (B, W) long tensor, W = the longest
+    (at least ``min_width``)."""
+    width = max([len(x) for x in seqs] + [min_width])
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return out
+
+
 def pad_texts(tok, texts: Sequence[str], max_len: int, pad_id: int | None = None) -> torch.Tensor:
     """Plain text ids (no specials) of ``texts``, each cut at ``max_len``, right-padded: (B, W) long.
 
@@ -235,12 +245,8 @@ def pad_texts(tok, texts: Sequence[str], max_len: int, pad_id: int | None = None
     """
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a list of str, e.g. ['a red circle at the top']")
-    pad = tok.pad_token_id if pad_id is None else pad_id
     ids = [x[:max_len] for x in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
-    out = torch.full((len(ids), max(1, max((len(x) for x in ids), default=1))), pad, dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-    return out
+    return pad_ids(ids, tok.pad_token_id if pad_id is None else pad_id, min_width=1)
 
 
 def decode_rows(tok, seqs: torch.Tensor, eos_id: int) -> list[str]:

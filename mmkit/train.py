@@ -50,7 +50,6 @@ save never leaves a half-written checkpoint):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -70,6 +69,7 @@ import torch
 import torch.nn as nn
 
 from mmkit.io import atomic_write_json
+from mmkit.nn.modes import evaluating  # noqa: F401  (re-exported: tasks evaluate models with it)
 from mmkit.config import config_to_dict
 
 __all__ = [
@@ -267,18 +267,6 @@ def scaled_param_groups(model: nn.Module, weight_decay: float, lr: float,
         for scale, params in by_scale.items():
             out.append(dict(g, params=params) if scale == 1.0 else dict(g, params=params, lr=lr * scale))
     return out
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module):
-    """``with evaluating(model):`` runs the block in eval mode (no dropout) and restores the previous mode after,
-    even when the block raises."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 ClipFn = Callable[[nn.Module, float], "float | torch.Tensor"]   # (unwrapped model, max_norm) -> norm before clipping

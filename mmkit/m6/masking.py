@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mmkit.objectives.lm import IGNORE_INDEX, split_prefix
-from mmkit.tokenizer import SpecialIds
+from mmkit.tokenizer import SpecialIds, pad_ids
 
 # Segment ids of the unified sequence (M6 §3.2); a notebook draws boundaries where they change.
 SEG_PAD, SEG_VISUAL, SEG_ENCODER, SEG_DECODER = -1, 0, 1, 2
@@ -267,14 +267,6 @@ class TaskBatch(NamedTuple):
     tasks: tuple               # (B,) task names
 
 
-def _pad(seqs: list[Tensor], value: int) -> Tensor:
-    width = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out
-
-
 def collate(examples: Sequence[TaskExample], *, pad_id: int, n_visual: int | None = None) -> TaskBatch:
     """Pad a list of task examples (any mix of tasks) into batch tensors plus their unified mask.
 
@@ -289,9 +281,9 @@ def collate(examples: Sequence[TaskExample], *, pad_id: int, n_visual: int | Non
     wv = int(nv.max()) if n_visual is None else int(n_visual)
     if int(nv.max()) > wv:
         raise ValueError(f"an example has {int(nv.max())} visual positions but n_visual={wv}: raise n_visual")
-    enc = _pad([e.encoder_ids for e in examples], pad_id)
-    dec = _pad([e.decoder_input_ids for e in examples], pad_id)
-    labels = _pad([e.labels for e in examples], IGNORE_INDEX)
+    enc = pad_ids([e.encoder_ids for e in examples], pad_id)
+    dec = pad_ids([e.decoder_input_ids for e in examples], pad_id)
+    labels = pad_ids([e.labels for e in examples], IGNORE_INDEX)
     ne = torch.tensor([len(e.encoder_ids) for e in examples], dtype=torch.long)
     nd = torch.tensor([len(e.decoder_input_ids) for e in examples], dtype=torch.long)
     um = unified_mask(nv, ne, nd, widths=(wv, enc.shape[1], dec.shape[1]))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from mmkit.generation import register_cached_forward
 from mmkit.m6.masking import IGNORE_INDEX, SEG_DECODER, SEG_ENCODER, SEG_PAD, SEG_VISUAL, TaskBatch, unified_mask
 from mmkit.nn import (ConvFeatureExtractor, KVCache, PatchFeatures, PositionEmbedding, PositionEmbedding2D,
-                      TransformerBlock, TypeEmbedding, init_weights)
+                      TransformerBlock, TypeEmbedding, evaluating, init_weights)
 from mmkit.nn.moe import ExpertParallelMoE, MoEConfig, MoEFeedForward
 from mmkit.objectives.lm import token_cross_entropy, token_log_probs
 from mmkit.registry import register_model, register_preset
@@ -397,9 +397,7 @@ class M6Model(nn.Module):
         n_vis = 0 if images is None else self.num_visual_tokens
         prefix_seg = self._segments(B, n_vis, encoder_ids, None, dev)                      # (B, Lp)
         bos = torch.full((B, 1), c.bos_token_id, dtype=torch.long, device=dev)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             out_ids, out_logits = [], []
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             if use_cache:
@@ -429,8 +427,6 @@ class M6Model(nn.Module):
                     x = self.drop(self.embed_norm(self.embed_text(nxt[:, None], SEG_DECODER, offset=t + 1)))
                     key_ok = torch.cat([key_ok, key_ok.new_ones(B, 1)], dim=1)              # (B, Lk)
                     h = self._transform(x, key_ok[:, None, None, :], caches)                # (B, 1, D)
-        finally:
-            self.train(was_training)
         return Generation(torch.stack(out_ids, dim=1), torch.stack(out_logits, dim=1))
 
     def cached_step(self, images, encoder_ids, input_ids, caches, past_length: int) -> torch.Tensor:
@@ -507,13 +503,9 @@ def _probe_extractor(extractor: nn.Module, c: M6Config) -> tuple[int, tuple[int,
     """Run ``extractor`` once on a zero image (in eval mode: BatchNorm statistics stay untouched)."""
     p = next(extractor.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
-    was_training = extractor.training
-    extractor.eval()
-    try:
+    with evaluating(extractor):
         feats, grid = _as_features(extractor(torch.zeros(1, c.in_channels, c.image_size, c.image_size,
                                                          device=device)))   # only shapes are read
-    finally:
-        extractor.train(was_training)
     return feats.shape[-1], (int(grid[0]), int(grid[1]))
 
 

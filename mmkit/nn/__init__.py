@@ -5,6 +5,7 @@
     embeddings.py  patch / CNN features, 1-D / 2-D positions, segment types
     moe.py         Mixture-of-Experts FFN and expert parallelism (M6 §3.4)
     init.py        BERT-style initialisation
+    modes.py       evaluating(model): eval mode for a block, the caller's mode restored after
 """
 from mmkit.nn.attention import (KVCache, MultiHeadAttention, causal_mask, check_mask, combine_masks, padding_mask,
                                 to_additive)
@@ -12,10 +13,11 @@ from mmkit.nn.blocks import ACTIVATIONS, FeedForward, TransformerBlock
 from mmkit.nn.embeddings import (ChannelLayerNorm, ConvFeatureExtractor, ImageEmbeddings, PatchEmbedding, PatchFeatures,
                                  PositionEmbedding, PositionEmbedding2D, TextEmbeddings, TypeEmbedding)
 from mmkit.nn.init import init_weights
+from mmkit.nn.modes import evaluating
 
 __all__ = [
     "causal_mask", "padding_mask", "combine_masks", "to_additive", "check_mask", "KVCache", "MultiHeadAttention",
     "ACTIVATIONS", "FeedForward", "TransformerBlock", "PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures",
     "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding", "ImageEmbeddings", "TextEmbeddings",
-    "init_weights",
+    "init_weights", "evaluating",
 ]

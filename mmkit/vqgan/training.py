@@ -23,7 +23,7 @@ from mmkit.data.datasets import ImageOnlyDataset
 from mmkit.data.world import BASE_RGB
 from mmkit.io import atomic_write_json
 from mmkit.registry import recipe
-from mmkit.train import TrainConfig, local_clip_fn, train
+from mmkit.train import TrainConfig, evaluating, local_clip_fn, train
 from mmkit.vqgan.model import VQGAN, codebook_usage
 
 __all__ = ["is_discriminator_param", "vqgan_loss_fn", "evaluate_reconstruction", "world_images",
@@ -56,17 +56,13 @@ def evaluate_reconstruction(model: VQGAN, images: torch.Tensor, batch_size: int 
     (a 3x3 patch) is nearest to the object's own palette colour among the six colours and the background: does
     the tokenizer keep what a caption talks about?
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         recs, codes = [], []
         for i in range(0, len(images), batch_size):
             idx = model.encode(images[i:i + batch_size])
             codes.append(idx)
             recs.append(model.decode(idx))
         rec, codes = torch.cat(recs), torch.cat(codes)
-    finally:
-        model.train(was_training)
     mse = float(((rec - images) ** 2).mean())
     stats = codebook_usage(codes, model.config.n_embed)
     out = {"mse": mse, "psnr": 10.0 * math.log10(1.0 / max(mse, 1e-12)), "l1": float((rec - images).abs().mean()),

@@ -54,7 +54,7 @@ from mmkit.evaluation.faithfulness import faithfulness, faithfulness_score, want
 from mmkit.m6.model import M6Model, M6T2I
 from mmkit.m6.tasks.itm import itm_scores
 from mmkit.objectives.lm import token_cross_entropy
-from mmkit.tokenizer import pad_texts
+from mmkit.tokenizer import pad_ids, pad_texts
 from mmkit.train import TrainConfig, evaluating, train
 
 __all__ = [
@@ -154,10 +154,7 @@ class T2IData:
               pad_id: int) -> dict:
         """Scene ``rows[j]`` with its prompt ``variants[j]``: encoder / decoder ids and code labels."""
         enc = [self.prompt_ids[r][v % len(self.prompt_ids[r])] for r, v in zip(rows, variants)]
-        width = max(len(e) for e in enc)
-        encoder_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)          # (B, We)
-        for j, e in enumerate(enc):
-            encoder_ids[j, :len(e)] = e
+        encoder_ids = pad_ids(enc, pad_id)                                              # (B, We)
         codes = self.codes[list(rows)] + code_offset                                    # (B, 64) model ids
         bos = torch.full((len(rows), 1), bos_id, dtype=torch.long)
         # M6 §4.1: autoregressive LM on the codes: [BOS] c1 .. c63 in, c1 .. c64 out (teacher forcing)

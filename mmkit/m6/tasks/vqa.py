@@ -54,7 +54,7 @@ from mmkit.m6.masking import IGNORE_INDEX, collate, task_example
 from mmkit.m6.model import IMAGE_SIDE
 from mmkit.nn import PatchFeatures
 from mmkit.objectives.lm import sequence_logprob
-from mmkit.tokenizer import SpecialIds, decode_rows, pad_texts, world_tokenizer
+from mmkit.tokenizer import SpecialIds, decode_rows, pad_ids, pad_texts, world_tokenizer
 from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
 
 __all__ = [
@@ -134,13 +134,7 @@ def _teacher_forced(tok, answers: Sequence[str], pad_id: int) -> tuple[torch.Ten
     """Decoder inputs ``[BOS] a ..`` and labels ``a .. [EOS]`` (IGNORE_INDEX at padding) of answers: (K, W) each."""
     sp = SpecialIds.from_tokenizer(tok)
     ids = _answer_ids(tok, answers)
-    W = max(len(x) for x in ids) + 1
-    dec = torch.full((len(ids), W), pad_id, dtype=torch.long)
-    lab = torch.full((len(ids), W), IGNORE_INDEX, dtype=torch.long)
-    for k, x in enumerate(ids):
-        dec[k, :len(x) + 1] = torch.tensor([sp.bos_id] + x)
-        lab[k, :len(x) + 1] = torch.tensor(x + [sp.eos_id])
-    return dec, lab
+    return pad_ids([[sp.bos_id] + x for x in ids], pad_id), pad_ids([x + [sp.eos_id] for x in ids], IGNORE_INDEX)
 
 
 def vqa_loss(model, batch: dict, tokenizer):
