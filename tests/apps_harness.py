@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mmkit.bench.launch import ROOT, RunningApp, free_port, running_app  # noqa: F401  (re-exported for the tests)
+from mmkit.launch import ROOT, RunningApp, free_port, running_app  # noqa: F401  (re-exported for the tests)
 
 ARTIFACTS = Path(os.environ.get("MMKIT_ARTIFACTS", ROOT / "test-artifacts"))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from gradio_client import Client, handle_file
 
-from mmkit.bench.launch import running_app
+from mmkit.launch import running_app
 from mmkit.data.preprocess import preprocess_image
 from mmkit.data.world import make_scene, render
 from mmkit.zoo import vqa_models

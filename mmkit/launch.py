@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple
 
 __all__ = ["ROOT", "free_port", "RunningApp", "running_app"]
 
-ROOT = Path(__file__).resolve().parents[2]          # the repository: apps/ lives here
+ROOT = Path(__file__).resolve().parents[1]          # the repository: apps/ lives here
 
 
 def free_port() -> int:
