@@ -1,27 +1,106 @@
 """Small picture helpers shared by the CLI, notebooks and apps (no model code here)."""
 from __future__ import annotations
 
-import textwrap
+import functools
+import re
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from mmkit.io import atomic_write_bytes
 
 
+# Fonts for text drawn into images: DejaVu Sans (shipped inside matplotlib, so always there) for Latin text and
+# symbols such as ✓ / ✗, and a CJK font (WenQuanYi Zen Hei, which setup.sh installs) for Chinese characters. PIL's
+# bitmap default font draws both as empty boxes.
+_CJK_FONT_FILES = ("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc", "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+                   "/usr/share/fonts/truetype/arphic/uming.ttc")
+
+
+@functools.lru_cache(maxsize=16)
+def fonts(size: int = 12) -> tuple[ImageFont.FreeTypeFont, ImageFont.FreeTypeFont | None]:
+    """(Latin / symbol font, CJK font or None) at ``size`` px."""
+    import matplotlib
+
+    latin = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    cjk = next((ImageFont.truetype(f, size) for f in _CJK_FONT_FILES if Path(f).exists()), None)
+    return latin, cjk
+
+
+def _is_cjk(ch: str) -> bool:
+    o = ord(ch)
+    return 0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0xFF00 <= o <= 0xFFEF or 0x3000 <= o <= 0x303F
+
+
+def _runs(text: str, size: int):
+    """Split ``text`` into (run, font) pieces: CJK characters in the CJK font, the rest in DejaVu Sans."""
+    latin, cjk = fonts(size)
+    out: list[tuple[str, ImageFont.FreeTypeFont]] = []
+    for ch in text:
+        f = cjk if (cjk is not None and _is_cjk(ch)) else latin
+        if out and out[-1][1] is f:
+            out[-1] = (out[-1][0] + ch, f)
+        else:
+            out.append((ch, f))
+    return out
+
+
+def text_width(text: str, size: int = 12) -> float:
+    """Pixel width of ``text`` drawn by :func:`draw_text`."""
+    return sum(f.getlength(r) for r, f in _runs(text, size))
+
+
+def draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, size: int = 12,
+              fill=(0, 0, 0)) -> None:
+    """Draw ``text`` (English, Chinese, ✓ / ✗ ...) at ``xy`` with real fonts, switching font by script."""
+    x, y = xy
+    for run, f in _runs(text, size):
+        draw.text((x, y), run, font=f, fill=fill)
+        x += f.getlength(run)
+
+
+def wrap_text(text: str, width: float, size: int = 12, max_lines: int = 3) -> list[str]:
+    """Lines of ``text`` that fit ``width`` px (words kept whole when they fit; Chinese breaks anywhere); when it
+    needs more than ``max_lines`` lines, the last one ends with "…" so nothing is cut silently."""
+    lines, cur = [], ""
+    for token in re.findall(r"\S+\s*|\s+", text):
+        pieces = [token] if text_width(token.rstrip(), size) <= width else list(token)
+        for piece in pieces:
+            if cur and text_width((cur + piece).rstrip(), size) > width:
+                lines.append(cur.rstrip())
+                cur = piece.lstrip()
+            else:
+                cur += piece
+    if cur.strip():
+        lines.append(cur.rstrip())
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and text_width(last + "…", size) > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "…"]
+    return lines
+
+
 def make_grid(images: Sequence[Image.Image], ncols: int | None = None, captions: Sequence[str] | None = None,
-              scale: int = 2, pad: int = 4, caption_lines: int = 3) -> Image.Image:
-    """Tile PIL images into one picture, each optionally with a wrapped caption under it."""
+              scale: int = 2, pad: int = 4, caption_lines: int = 3, font_size: int = 12,
+              min_tile: int = 96) -> Image.Image:
+    """Tile PIL images into one picture, each optionally with a wrapped caption under it.
+
+    Tiles are enlarged with nearest neighbours (every pixel of a 32 px scene stays a visible square) by ``scale``,
+    or more so that each tile is at least ``min_tile`` px wide. Captions use real fonts (Chinese and ✓ / ✗ draw
+    as themselves) and end with "…" where they had to be cut.
+    """
     if not images:
         raise ValueError("make_grid needs at least one image")
     n = len(images)
     ncols = ncols or min(n, 8)
     nrows = (n + ncols - 1) // ncols
-    w, h = images[0].size
-    w, h = w * scale, h * scale
-    chars = max(8, w // 6)
-    text_h = 11 * caption_lines + 2 if captions else 0
+    w0, h0 = images[0].size
+    scale = max(scale, -(-min_tile // max(w0, 1)))
+    w, h = w0 * scale, h0 * scale
+    line_h = int(font_size * 1.3)
+    text_h = line_h * caption_lines + 4 if captions else 0
     grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + text_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
@@ -30,9 +109,8 @@ def make_grid(images: Sequence[Image.Image], ncols: int | None = None, captions:
         grid.paste(img.convert("RGB").resize((w, h), Image.NEAREST), (x, y))
         draw.rectangle([x - 1, y - 1, x + w, y + h], outline=(200, 200, 200))
         if captions:
-            lines = textwrap.wrap(captions[i], chars)[:caption_lines]
-            for j, line in enumerate(lines):
-                draw.text((x, y + h + 1 + 11 * j), line, fill=(0, 0, 0))
+            for j, line in enumerate(wrap_text(captions[i], w, font_size, caption_lines)):
+                draw_text(draw, (x, y + h + 2 + line_h * j), line, font_size)
     return grid
 
 
@@ -54,7 +132,7 @@ def draw_boxes(img: Image.Image, boxes: Sequence[Sequence[float]], labels: Seque
         x0, y0, x1, y1 = (v * scale for v in box)
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=max(1, scale // 2))
         if labels:
-            draw.text((x0 + 2, max(0, y0 - 11)), labels[i], fill=colour)
+            draw_text(draw, (x0 + 2, max(0, y0 - 14)), labels[i], 12, fill=colour)
     return big
 
 

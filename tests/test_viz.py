@@ -86,3 +86,25 @@ def test_token_rows_unknown_kind_gets_a_colour_and_bad_shapes_fail():
         plot_token_rows([["x", "y"]], [["text"]])
     with pytest.raises(ValueError, match="at least one row"):
         plot_token_rows([])
+
+
+def test_grid_text_uses_real_fonts_for_chinese_and_marks_and_cuts_with_an_ellipsis():
+    from PIL import Image, ImageDraw
+
+    from mmkit.viz import draw_text, fonts, make_grid, text_width, wrap_text
+
+    latin, cjk = fonts(12)
+    assert cjk is not None, "no CJK font: bash setup.sh installs fonts-wqy-zenhei"
+    # a drawn Chinese character is not the empty box PIL's bitmap font draws (its ink differs between characters)
+    inks = []
+    for ch in ("左", "圆", "✓", "✗"):
+        im = Image.new("L", (20, 20), 255)
+        draw_text(ImageDraw.Draw(im), (2, 2), ch, 14, fill=0)
+        inks.append(sum(v < 128 for v in im.getdata()))
+    assert min(inks) > 5 and len(set(inks)) == 4, inks
+    lines = wrap_text("a small red circle at the top left and a large blue square in the center", 80, 12, 2)
+    assert len(lines) == 2 and lines[-1].endswith("…") and all(text_width(l, 12) <= 80 for l in lines)
+    assert wrap_text("short", 80, 12, 2) == ["short"]                           # no ellipsis when it fits
+    g = make_grid([Image.new("RGB", (32, 32), (255, 0, 0))] * 2, captions=["红色", "red"])
+    assert g.size[0] >= 2 * 96                                                   # 32 px tiles enlarged to >= 96
+    assert g.getpixel((10, 10)) == (255, 0, 0)                                   # nearest: a pure red tile
