@@ -166,6 +166,52 @@ def test_pre_norm_block_matches_vit_layer():
         torch.testing.assert_close(block(x), hf(x), atol=ATOL, rtol=0)
 
 
+def test_layer_scale_block_matches_beit_layer():
+    """layer_scale_init: x + γ1 ⊙ SA(LN(x)); x + γ2 ⊙ FFN(LN(x)), as transformers' BeitLayer (layer scale on)."""
+    from transformers import BeitConfig
+    from transformers.models.beit.modeling_beit import BeitLayer
+    cfg = BeitConfig(hidden_size=D, num_attention_heads=H, intermediate_size=DFF, num_hidden_layers=1,
+                     hidden_act="gelu", layer_norm_eps=1e-6, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, layer_scale_init_value=0.1, use_relative_position_bias=False,
+                     attn_implementation="eager")
+    hf = _perturb(BeitLayer(cfg))                       # moves λ1, λ2 off 0.1 too
+    block = TransformerBlock(D, H, DFF, norm_first=True, layer_norm_eps=1e-6, layer_scale_init=0.1).eval()
+    assert torch.equal(block.self_attn_scale.detach(), torch.full((D,), 0.1)) and block.cross_attn_scale is None
+    a = hf.attention  # transformers 5 BeitAttention: q_proj, k_proj (no bias), v_proj, o_proj
+    for ours, theirs in [(block.self_attn.q_proj, a.q_proj), (block.self_attn.v_proj, a.v_proj),
+                         (block.self_attn.out_proj, a.o_proj), (block.self_attn_norm, hf.layernorm_before),
+                         (block.ffn_norm, hf.layernorm_after), (block.ffn.fc1, hf.mlp.fc1), (block.ffn.fc2, hf.mlp.fc2)]:
+        _copy(ours, theirs)
+    with torch.no_grad():
+        block.self_attn.k_proj.weight.copy_(a.k_proj.weight)
+        block.self_attn.k_proj.bias.zero_()              # BEiT's key has no bias
+        block.self_attn_scale.copy_(hf.lambda_1)
+        block.ffn_scale.copy_(hf.lambda_2)
+        x = torch.randn(2, 17, D)                        # [CLS] + 4x4 patches
+        torch.testing.assert_close(block(x), hf(x), atol=ATOL, rtol=0)
+
+
+def test_layer_scale_and_ffn_norm_options_are_off_by_default():
+    """The defaults build exactly the block every other system uses: no γ parameters, a LayerNorm before the FFN."""
+    plain = TransformerBlock(D, H, DFF, cross_attention=True)
+    assert plain.self_attn_scale is None and plain.cross_attn_scale is None and plain.ffn_scale is None
+    assert isinstance(plain.ffn_norm, nn.LayerNorm)
+    assert not any("scale" in k for k in plain.state_dict())
+    scaled = TransformerBlock(D, H, DFF, cross_attention=True, layer_scale_init=1e-5, ffn_norm=False)
+    assert {k for k in scaled.state_dict() if "scale" in k} == {"self_attn_scale", "cross_attn_scale", "ffn_scale"}
+    assert isinstance(scaled.ffn_norm, nn.Identity)
+    # with every γ = 1 a scaled block computes what the plain block computes (same weights)
+    post = TransformerBlock(D, H, DFF, norm_first=False).eval()
+    post_scaled = TransformerBlock(D, H, DFF, norm_first=False, layer_scale_init=1.0).eval()
+    post_scaled.load_state_dict(post.state_dict(), strict=False)
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        torch.testing.assert_close(post_scaled(x), post(x), atol=ATOL, rtol=0)
+        post_scaled.ffn_scale.fill_(0.0)                 # γ2 = 0: the FFN branch is switched off
+        expected = post.self_attn_norm(x + post.self_attn(x))
+        torch.testing.assert_close(post_scaled(x), post.ffn_norm(expected), atol=ATOL, rtol=0)
+
+
 def test_cross_attention_block_matches_bert_decoder_layer():
     from transformers.models.bert.modeling_bert import BertLayer
     hf = _perturb(BertLayer(_bert_config(is_decoder=True, add_cross_attention=True), layer_idx=0))

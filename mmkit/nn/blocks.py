@@ -69,12 +69,22 @@ class TransformerBlock(nn.Module):
 
     With ``cross_attention=True`` the block skips cross-attention when called without ``context``
     (a text-only pass through a fusion layer, as in BLIP/mPLUG text encoders).
+
+    ``layer_scale_init`` (CaiT; BEiT, VLMo's official blocks): a learned per-channel gain γ on every sublayer's
+    output, initialised to this value (BEiT / VLMo-Base: 0.1), so each residual branch starts small::
+
+        x = x + γ_1 ⊙ SA(LN(x));  x = x + γ_2 ⊙ FFN(LN(x))          (pre-norm; post-norm scales alike)
+
+    ``None`` (default) = no layer scale: the block is exactly the one above. ``ffn_norm=False`` leaves the
+    normalisation before the FFN to the FFN itself: VLMo's modality experts each own a LayerNorm (the official
+    ``norm2_imag`` / ``norm2_text`` / ``norm2_vl``), so the block must not add a shared one.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int | None = None, dropout: float = 0.0,
                  attn_dropout: float | None = None, activation: str = "gelu", norm_first: bool = True,
                  layer_norm_eps: float = 1e-5, cross_attention: bool = False, kv_dim: int | None = None,
-                 bias: bool = True, ffn: nn.Module | None = None):
+                 bias: bool = True, ffn: nn.Module | None = None, layer_scale_init: float | None = None,
+                 ffn_norm: bool = True):
         super().__init__()
         self.norm_first = norm_first
         attn_dropout = dropout if attn_dropout is None else attn_dropout
@@ -86,24 +96,38 @@ class TransformerBlock(nn.Module):
         else:
             self.cross_attn = self.cross_attn_norm = None
         self.ffn = ffn if ffn is not None else FeedForward(d_model, d_ff or 4 * d_model, activation)
-        self.ffn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.ffn_norm = nn.LayerNorm(d_model, eps=layer_norm_eps) if ffn_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)  # on each sublayer's output, before the residual add
+        # layer scale γ (CaiT, BEiT): one learned gain per channel and sublayer; None = off (a plain block)
+        self.self_attn_scale = self.cross_attn_scale = self.ffn_scale = None
+        if layer_scale_init is not None:
+            def gain() -> nn.Parameter:
+                return nn.Parameter(torch.full((d_model,), float(layer_scale_init)))   # (D,)
+            self.self_attn_scale = gain()
+            self.cross_attn_scale = gain() if cross_attention else None
+            self.ffn_scale = gain()
 
-    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer, scale: nn.Parameter | None = None) -> torch.Tensor:
+        def branch(h: torch.Tensor) -> torch.Tensor:
+            y = self.dropout(sublayer(h))
+            return y if scale is None else scale * y                   # γ ⊙ sublayer (layer scale)
         if self.norm_first:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+            return x + branch(norm(x))
+        return norm(x + branch(x))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
                 ffn_kwargs: dict | None = None) -> torch.Tensor:
         """x (B, L, D); mask for self-attention; context (B, L_k, kv_dim) and context_mask for cross-attention."""
         x = self._residual(x, self.self_attn_norm,
-                           lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, cache=cache))
+                           lambda h: self.self_attn(h, mask=mask, is_causal=is_causal, cache=cache),
+                           self.self_attn_scale)
         if context is not None:
             if self.cross_attn is None:
                 raise ValueError("context was given but this TransformerBlock has no cross-attention; "
                                  "build it with cross_attention=True")
             x = self._residual(x, self.cross_attn_norm,
-                               lambda h: self.cross_attn(h, context, mask=context_mask, cache=cache))
-        return self._residual(x, self.ffn_norm, lambda h: self.ffn(h, **(ffn_kwargs or {})))  # (B, L, D)
+                               lambda h: self.cross_attn(h, context, mask=context_mask, cache=cache),
+                               self.cross_attn_scale)
+        return self._residual(x, self.ffn_norm, lambda h: self.ffn(h, **(ffn_kwargs or {})),
+                              self.ffn_scale)                                                  # (B, L, D)

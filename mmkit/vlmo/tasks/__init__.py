@@ -1,0 +1,8 @@
+"""VLMo tasks: data building, losses, inference and evaluation; each function takes the model as an argument.
+
+    pretrain.py    the three stages of VLMo §3.4 (BEiT MIM, text-only MLM, ITC + ITM + MLM on pairs)
+    retrieval.py   dual-encoder retrieval, ITM reranking, fusion scoring of every pair (§3.5, §4.4)
+    vqa.py         VQA as classification over the world's answers, answers + heat maps for the app (§4.3)
+    nlvr2.py       statements about image pairs: two fusion passes + a classifier (§4.3)
+    image_only.py  the vision path alone: the object of every grid cell (§4.5)
+"""
