@@ -1,0 +1,89 @@
+"""mPLUG visual reasoning heads (mPLUG §5.2.5): SNLI-VE (image premise, text hypothesis -> entailment / neutral /
+contradiction) and NLVR2 (two images, a statement -> true / false), an MLP on the fused text [CLS].
+
+    model = MPLUGForClassification.from_pretrained_mplug(pretrained, num_labels=3)       # SNLI-VE, no decoder
+    ds = EntailmentDataset("train", 4000, image_size=32)                                 # mmkit.data.datasets
+    train(model, classification_loss, ds, TrainConfig(...), collate_fn=classification_collate())
+    ev = evaluate_classifier(model, EntailmentDataset("test", 300, image_size=32))      # ClassifierEval
+
+    nlvr = MPLUGForClassification.from_pretrained_mplug(pretrained, num_labels=2, num_images=2)
+    ev = evaluate_classifier(nlvr, PairDataset("test", 300, image_size=32))
+
+§5.2.5: SNLI-VE feeds "the image premise, text premise and text hypothesis" to the encoder, removes the decoder and
+classifies the fused [CLS] (the world has no text premise: the hypothesis alone). NLVR2 follows BLIP with two
+cross-attentions; here the two images' tokens are concatenated into one visual sequence with a slot embedding each
+(:class:`mmkit.mplug.model.MPLUGForClassification`). Both read a batch of collated dataset items: ``image`` (B, 3, S, S)
+or ``images`` (B, 2, 3, S, S), ``input_ids`` / ``attention_mask`` of the hypothesis / statement, ``label``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from mmkit.data.datasets import make_collate
+from mmkit.tokenizer import world_tokenizer
+from mmkit.train import evaluating
+
+__all__ = ["classification_collate", "classification_loss", "predict_labels", "ClassifierEval",
+           "evaluate_classifier"]
+
+
+def classification_collate(tokenizer=None, max_length: int = 48):
+    """The collate function for EntailmentDataset / PairDataset items (tokenizes the hypothesis / statement)."""
+    return make_collate(tokenizer if tokenizer is not None else world_tokenizer(), max_length=max_length)
+
+
+def _images(batch: dict) -> torch.Tensor:
+    if "images" in batch:
+        return batch["images"]                                   # (B, 2, 3, S, S) NLVR2 pairs
+    if "image" in batch:
+        return batch["image"]                                    # (B, 3, S, S)
+    raise KeyError(f"the batch has no 'image' or 'images' (keys: {sorted(batch)}); collate dataset items with "
+                   "classification_collate()")
+
+
+def classification_loss(model, batch: dict):
+    """Cross-entropy of the classifier -> (loss, {"acc"}). Runs inside ``model(step=...)`` (one DDP forward)."""
+    labels = batch["label"]
+
+    def step(m):
+        return m.classify(_images(batch), batch["input_ids"], batch["attention_mask"])   # (B, num_labels)
+
+    logits = model(step=step)
+    loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+    return loss, {"acc": float((logits.argmax(-1).cpu() == labels.cpu()).float().mean())}
+
+
+@torch.no_grad()
+def predict_labels(model, batch: dict) -> torch.Tensor:
+    """(B,) predicted label indices of a collated batch."""
+    with evaluating(model):
+        return model.classify(_images(batch).to(model.device), batch["input_ids"].to(model.device),
+                              batch["attention_mask"].to(model.device)).argmax(-1).cpu()
+
+
+class ClassifierEval(NamedTuple):
+    accuracy: float           # over all items
+    per_kind: dict            # {kind: accuracy} (the datasets' statement / hypothesis kinds)
+    majority: float           # the blind baseline: always the most frequent label of these items
+    n: int
+
+
+@torch.no_grad()
+def evaluate_classifier(model, dataset, tokenizer=None, batch_size: int = 64) -> ClassifierEval:
+    """Accuracy on a (held-out) EntailmentDataset / PairDataset, per kind, beside the majority-label baseline."""
+    collate = classification_collate(tokenizer)
+    preds, labels, kinds = [], [], []
+    for i in range(0, len(dataset), batch_size):
+        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+        preds.append(predict_labels(model, batch))
+        labels.append(batch["label"])
+        kinds += list(batch["kind"])
+    p, y = torch.cat(preds), torch.cat(labels)
+    hit = (p == y).float()
+    per_kind = {k: float(hit[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in sorted(set(kinds))}
+    majority = Counter(y.tolist()).most_common(1)[0][1] / len(y)
+    return ClassifierEval(float(hit.mean()), per_kind, majority, len(y))
