@@ -160,7 +160,7 @@ def test_a_vqa_checkpoint_folder_rebuilds_the_same_model(tmp_path):
     """What the app entry's hub.load will do: config.json names model_type vlmo_vqa, the weights load strictly."""
     model = VLMoForVQA.from_pretrained_vlmo(pretrained())
     save_checkpoint(tmp_path / "ckpt", model)
-    again = mmkit.hub.load_model_dir(tmp_path / "ckpt", verify=False)
+    again = mmkit.hub.load_model_dir(tmp_path / "ckpt")
     assert type(again) is VLMoForVQA and again.config == model.config
     image = torch.rand(3, 16, 16)
     assert vqa.answer(again, image, "how many shapes are there?") == vqa.answer(model, image, "how many shapes are there?")
