@@ -15,11 +15,37 @@ import time
 from pathlib import Path
 
 
+MAX_WORLD_N = 1024              # scenes in one `mmkit world` grid (a dataset is mmkit.data.scenes / userdata's job)
+MAX_WORLD_SIZE = 512           # pixels per scene (rendered 4x supersampled: 2048^2 per scene at the limit)
+MAX_OBJECTS = 9                # one object per cell of the 3x3 grid
+
+
+def _check_world_args(args: argparse.Namespace) -> None:
+    """Refuse `mmkit world` arguments that would crash, run for hours or write somewhere odd, saying why."""
+    if not 1 <= args.n <= MAX_WORLD_N:
+        raise ValueError(f"--n {args.n}: give 1 to {MAX_WORLD_N} scenes (a grid of more is unreadable; for datasets "
+                         "use mmkit.data.userdata.save_world_as_folder or mmkit.data.scenes.SceneBank)")
+    if not 8 <= args.size <= MAX_WORLD_SIZE:
+        raise ValueError(f"--size {args.size}: give 8 to {MAX_WORLD_SIZE} pixels (32 or 64 are typical)")
+    if not 1 <= args.max_objects <= MAX_OBJECTS:
+        raise ValueError(f"--max-objects {args.max_objects}: give 1 to {MAX_OBJECTS} (one object per grid cell)")
+    if args.seed < 0:
+        raise ValueError(f"--seed {args.seed}: the offset of the first scene inside the split is >= 0")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir() or str(args.out).endswith(("/", "\\")):
+            raise ValueError(f"--out {args.out} is a folder; give a file name, e.g. --out {out / 'grid.png'}")
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"--out {args.out}: the grid is written as PNG; give a name ending in .png "
+                             f"(e.g. {out.with_suffix('.png')})")
+
+
 def _cmd_world(args: argparse.Namespace) -> int:
     from mmkit.data.text import captions
     from mmkit.data.world import render, sample_scene, split_seeds
     from mmkit.viz import save_grid
 
+    _check_world_args(args)
     seeds = split_seeds(args.split, args.n, start=args.seed)
     t0 = time.perf_counter()
     scenes = [sample_scene(s, max_objects=args.max_objects) for s in seeds]
@@ -103,14 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     w = sub.add_parser("world", help="render Shapes World scenes (and their captions) to a PNG grid")
-    w.add_argument("--n", type=int, default=16, help="number of scenes (default 16)")
-    w.add_argument("--size", type=int, default=64, help="image size in pixels (default 64; 32 for fast runs)")
+    w.add_argument("--n", type=int, default=16, help=f"number of scenes, 1..{MAX_WORLD_N} (default 16)")
+    w.add_argument("--size", type=int, default=64,
+                   help=f"image size in pixels, 8..{MAX_WORLD_SIZE} (default 64; 32 for fast runs)")
     w.add_argument("--seed", type=int, default=0, help="offset of the first scene inside the split (default 0)")
     w.add_argument("--split", default="train", choices=["train", "val", "test"], help="which fixed split (default train)")
     w.add_argument("--max-objects", type=int, default=3, help="objects per scene, 1..N (default 3)")
     w.add_argument("--lang", default="en", choices=["en", "zh"], help="caption language (default en)")
     w.add_argument("--captions", action="store_true", help="print each scene's caption under it in the PNG")
-    w.add_argument("--out", help="PNG file to write the grid to")
+    w.add_argument("--out", help="PNG file to write the grid to (a .png file name, not a folder)")
     w.set_defaults(fn=_cmd_world)
 
     t = sub.add_parser("train", help="run a recipe into a checkpoint folder (list them with --list)")
@@ -149,9 +176,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mmkit {args.command}: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        hub = sys.modules.get("mmkit.hub")      # raised only once the hub is imported; --help stays light
+        if hub is None or not isinstance(e, hub.CheckpointError):
+            raise
         print(f"mmkit {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                       # missing / unwritable files and folders, full disks
+        print(f"mmkit {args.command}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     model = mmkit.load("m6-tiny-pretrained")           # what users call (mmkit.zoo: every system imported)
     model = mmkit.hub.load("m6-tiny-pretrained")       # the same, for names whose system is already imported
+    model = mmkit.hub.load_path("runs/my-checkpoint")  # a folder: a separate, explicit call (names are not paths)
 
 Look-up order for a name:
 1. ``mmkit/checkpoints/NAME/`` — shipped in the repository (each holds recipe.json with the exact command
@@ -11,45 +12,83 @@ Look-up order for a name:
    wait twice. In fast mode (``MMKIT_FAST=1``) a missing checkpoint is trained by the recipe's fast path and
    cached separately as ``NAME@fast`` so it never stands in for the full one.
 
+A name is a name (letters, digits, ``-``, ``_``, ``.``, an optional ``@fast``; no path separators, no ``..``):
+``load("/any/dir")`` and ``load("../../x")`` are refused; :func:`load_path` reads a folder on purpose.
+
 A folder is read by the loader registered for its ``kind`` (recipe.json): models by :func:`load_model_dir`
 (config.json + model.safetensors), the tokenizer by :mod:`mmkit.tokenizer`.
+
+Integrity: :func:`run_recipe` records the sha256 of every file it wrote in ``recipe.json`` (``"sha256"``), and
+every load checks them (:func:`verify_checkpoint`): a flipped byte or a truncated file is a
+:class:`CheckpointError` that names the file and says how to rebuild it, never weights that are silently wrong.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 
 import mmkit.registry as registry
 from mmkit.config import build_model, config_from_dict
-from mmkit.io import atomic_write_json, fast_mode
+from mmkit.io import atomic_write_json, fast_mode, make_tmp_dir, recover_dir, replace_dir, sha256_file, share_files
 
-__all__ = ["SHIPPED_DIR", "cache_root", "find_checkpoint", "checkpoint_dir", "load", "load_model_dir", "run_recipe",
-           "read_recipe_info", "recipe_names"]
+__all__ = ["SHIPPED_DIR", "NAME_PATTERN", "CheckpointError", "cache_root", "check_name", "find_checkpoint",
+           "checkpoint_dir", "load", "load_path", "load_model_dir", "load_weights", "read_json", "run_recipe",
+           "read_recipe_info", "recipe_names", "verify_checkpoint", "rebuild_hint", "file_hashes"]
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+RECIPE_FILE = "recipe.json"
+# A checkpoint name: starts with a letter or digit; letters, digits, '.', '_', '-' (no '/', '\\', no '..');
+# the hub's own fast-mode cache entries end in '@fast'.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@fast)?$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used as it is (corrupt, truncated, for another model); the message names
+    the file and how to rebuild it."""
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("MMKIT_CACHE") or Path.home() / ".cache" / "mmkit")
 
 
+def check_name(name: str) -> str:
+    """``name`` if it is a checkpoint name, else a ValueError that says to use :func:`load_path` for folders."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        pathlike = isinstance(name, os.PathLike) or (isinstance(name, str) and (
+            any(c in name for c in "/\\~") or ".." in name))
+        hint = " To load a folder, call mmkit.hub.load_path(folder)." if pathlike else ""
+        raise ValueError(f"{name!r} is not a checkpoint name: names are letters, digits, '-', '_' and '.' (e.g. "
+                         f"'m6-tiny-vqa'), never paths.{hint} Names: {registry.recipe_names()}")
+    return name
+
+
 def is_complete(d: Path) -> bool:
     """A checkpoint folder is complete once its recipe.json exists (written last, atomically)."""
-    return (d / "recipe.json").exists()
+    return (d / RECIPE_FILE).exists()
 
 
 def find_checkpoint(name: str) -> Path | None:
-    """Where ``name`` already is (shipped, cached, or cached fast-mode), or None."""
+    """Where ``name`` already is (shipped, cached, or cached fast-mode), or None.
+
+    A cache entry whose writer was killed half-way through replacing it is put back first (:func:`recover_dir`).
+    """
+    check_name(name)
     candidates = [SHIPPED_DIR / name, cache_root() / name]
     if fast_mode():
         candidates.append(cache_root() / f"{name}@fast")
-    return next((d for d in candidates if is_complete(d)), None)
+    for d in candidates:
+        if not d.exists():
+            recover_dir(d, is_complete, clean=False)      # readers only put back; the writer cleans up
+        if is_complete(d):
+            return d
+    return None
 
 
 def recipe_names() -> list[str]:
@@ -75,67 +114,190 @@ def checkpoint_dir(name: str, train_if_missing: bool = True) -> Path:
 
 
 def load(name: str, device: str = "cpu"):
-    """Load checkpoint ``name`` (see module doc): a model in eval mode with ``.config``, or a tokenizer."""
-    d = checkpoint_dir(name)
+    """Load checkpoint ``name`` (see module doc): a model in eval mode with ``.config``, or a tokenizer.
+
+    Names only: a folder is loaded with :func:`load_path`.
+    """
+    return load_path(checkpoint_dir(check_name(name)), device=device)
+
+
+def load_path(folder: str | Path, device: str = "cpu"):
+    """Load the checkpoint folder ``folder`` (explicitly a path) with the loader of its ``kind`` (recipe.json;
+    a folder without one is read as a model: config.json + model.safetensors), after checking its sha256s."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} is not a checkpoint folder (it does not exist or is a file)")
+    verify_checkpoint(d)
     kind = read_recipe_info(d).get("kind", "model")
     if kind == "model":
-        return load_model_dir(d, device=device)
+        return load_model_dir(d, device=device, verify=False)
     fn = registry.loader(kind)
     if fn is None:
         raise ValueError(f"{d}: no loader for checkpoints of kind {kind!r}; {registry.missing_hint()}")
     return fn(d, device)
 
 
-def load_model_dir(d: str | Path, device: str = "cpu"):
+# ---------------------------------------------------------------------------------------------------------
+# Integrity and clear errors
+# ---------------------------------------------------------------------------------------------------------
+
+def rebuild_hint(d: str | Path) -> str:
+    """How to get a good copy of checkpoint folder ``d`` back (shipped, cached, or any other folder)."""
+    d = Path(d)
+    info = read_recipe_info(d, missing_ok=True, check=False)
+    name = info.get("recipe") if isinstance(info.get("recipe"), str) else None
+    fast = " --fast" if info.get("fast") else ""
+    try:
+        resolved = d.resolve()
+        shipped = resolved.parent == SHIPPED_DIR.resolve()
+        cached = resolved.parent == cache_root().resolve()
+    except OSError:
+        shipped = cached = False
+    if shipped and name:
+        return (f"restore it from git (`git checkout -- mmkit/checkpoints/{d.name}`) or rebuild it with "
+                f"`mmkit train {name} --out mmkit/checkpoints/{d.name} --overwrite`")
+    if cached and name:
+        return (f"rebuild it with `mmkit train {name}{fast} --overwrite`, or delete the cache folder {d} "
+                f"(mmkit.load('{name}') then trains it again)")
+    if name:
+        return f"rebuild it with `mmkit train {name}{fast} --out {d} --overwrite`"
+    return "save the checkpoint again (mmkit.train.save_checkpoint) or re-run what wrote it"
+
+
+def read_json(path: str | Path, what: str = "file", hint: str | None = None):
+    """``json.loads`` of a file, with a message that names the file (and the fix) when it is not valid JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{path}: this {what} is not valid JSON{where}. "
+                              f"{(hint or 'Fix or rewrite it').rstrip('.')}.") from None
+
+
+def read_recipe_info(ckpt_dir: str | Path, missing_ok: bool = True, check: bool = True) -> dict:
+    """recipe.json of a checkpoint folder ({} if there is none)."""
+    p = Path(ckpt_dir) / RECIPE_FILE
+    if not p.exists():
+        if missing_ok:
+            return {}
+        raise FileNotFoundError(f"{p} does not exist")
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        if not check:
+            return {}
+        raise CheckpointError(f"{p} is not valid JSON ({e}); the folder cannot be trusted: "
+                              f"{rebuild_hint(ckpt_dir)}") from None
+    if not isinstance(info, dict):
+        if not check:
+            return {}
+        raise CheckpointError(f"{p} holds {type(info).__name__}, not a JSON object; {rebuild_hint(ckpt_dir)}")
+    return info
+
+
+def file_hashes(d: str | Path) -> dict[str, str]:
+    """{file name: sha256} of every regular file in folder ``d`` except recipe.json (what run_recipe records)."""
+    d = Path(d)
+    return {f.name: sha256_file(f) for f in sorted(d.iterdir())
+            if f.is_file() and f.name != RECIPE_FILE and not f.name.startswith(".")}
+
+
+def verify_checkpoint(d: str | Path) -> None:
+    """Check every file recipe.json records a sha256 for; raise :class:`CheckpointError` naming the first bad one.
+
+    A folder without recorded hashes (written before they were recorded, or by ``save_checkpoint``) passes.
+    """
+    d = Path(d)
+    hashes = read_recipe_info(d).get("sha256")
+    if not hashes:
+        return
+    if not isinstance(hashes, dict):
+        raise CheckpointError(f"{d / RECIPE_FILE}: 'sha256' must map file names to hashes; {rebuild_hint(d)}")
+    for fname, want in hashes.items():
+        f = d / fname
+        if "/" in fname or "\\" in fname or fname.startswith("."):
+            raise CheckpointError(f"{d / RECIPE_FILE}: {fname!r} is not a file name of the folder; {rebuild_hint(d)}")
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (recipe.json records it); {rebuild_hint(d)}")
+        got = sha256_file(f)
+        if got != want:
+            raise CheckpointError(f"{f} is corrupt: its sha256 is {got[:16]}..., recipe.json records {str(want)[:16]}... "
+                                  f"(a damaged, truncated or replaced file). {rebuild_hint(d)[:1].upper()}"
+                                  f"{rebuild_hint(d)[1:]}.")
+
+
+def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | None = None) -> None:
+    """Load ``weights`` (safetensors) into ``model`` strictly, with errors that name the file and the fix:
+    unreadable / truncated files, missing or unexpected keys (another model's weights), shape mismatches."""
+    weights = Path(weights)
+    fix = hint or rebuild_hint(weights.parent)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights} cannot be read as safetensors ({e}): the file is truncated or damaged. "
+                              f"{fix[:1].upper()}{fix[1:]}.") from None
+    except RuntimeError as e:             # load_state_dict: size mismatch for ...
+        lines = [l.strip() for l in str(e).splitlines() if "size mismatch" in l][:3]
+        raise CheckpointError(f"{weights} does not fit {type(model).__name__}: {'; '.join(lines) or e}. It was saved "
+                              "from a model with another config (check config.json) or another version of it.") \
+            from None
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match {type(model).__name__}: missing {sorted(missing)[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
+                              f"{sorted(unexpected)[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). "
+                              "Was it saved from another model, or by another version of this one?")
+
+
+def load_model_dir(d: str | Path, device: str = "cpu", verify: bool = True):
     """Build the model that ``config.json`` describes and load ``model.safetensors`` into it (strict)."""
     d = Path(d)
     cfg_file, weights = d / "config.json", d / "model.safetensors"
     for f in (cfg_file, weights):
         if not f.exists():
             raise FileNotFoundError(f"{d} is not a model checkpoint: {f.name} is missing")
-    cfg = config_from_dict(json.loads(cfg_file.read_text(encoding="utf-8")), source=str(cfg_file))
+    if verify:
+        verify_checkpoint(d)
+    cfg_dict = read_json(cfg_file, "model config", rebuild_hint(d))
+    if not isinstance(cfg_dict, dict):
+        raise CheckpointError(f"{cfg_file} holds {type(cfg_dict).__name__}, not a JSON object of config fields; "
+                              f"{rebuild_hint(d)}")
+    cfg = config_from_dict(cfg_dict, source=str(cfg_file))
     model = build_model(cfg)
-    missing, unexpected = load_model(model, weights, strict=False, device=device)
-    if missing or unexpected:
-        raise RuntimeError(f"{weights} does not match {type(model).__name__}: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}. Was it saved by another version of the model?")
+    load_weights(model, weights, device)
     model.config = cfg
     return model.to(device).eval()
 
 
-def run_recipe(name: str, out_dir: str | Path, fast: bool = False, overwrite: bool = False) -> dict:
-    """Run recipe ``name`` into ``out_dir`` atomically: train in a temporary sibling folder, then rename.
+# ---------------------------------------------------------------------------------------------------------
+# Running recipes
+# ---------------------------------------------------------------------------------------------------------
 
-    An interrupted run never leaves a half-written checkpoint where the hub would pick it up.
+def run_recipe(name: str, out_dir: str | Path, fast: bool = False, overwrite: bool = False) -> dict:
+    """Run recipe ``name`` into ``out_dir`` atomically: train in a temporary sibling folder, then swap it in
+    (:func:`mmkit.io.replace_dir`: rolled back if the swap fails, recoverable if the process is killed in it).
+
+    recipe.json (written last) records the command, the metrics and the sha256 of every file.
     """
     r = registry.get_recipe(name)
     out_dir = Path(out_dir)
+    recover_dir(out_dir, is_complete)                     # leftovers of a killed earlier run: put back / delete
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; give a folder for the checkpoint")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    tmp = make_tmp_dir(out_dir)
     try:
         t0 = time.time()
-        tmp.chmod(0o755)                    # mkdtemp makes 0700 folders; checkpoints are readable like any file
         metrics = r.train(tmp, fast) or {}
+        share_files(tmp)                                  # safetensors / mkstemp write 0600 files
         command = f"mmkit train {name} --out {out_dir}" + (" --fast" if fast else "")
-        atomic_write_json(tmp / "recipe.json", {
+        atomic_write_json(tmp / RECIPE_FILE, {
             "recipe": name, "fast": fast, "config": r.config, "kind": r.kind, "command": command,
-            "seconds": round(time.time() - t0, 1), "metrics": metrics,
+            "seconds": round(time.time() - t0, 1), "metrics": metrics, "sha256": file_hashes(tmp),
         })
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)            # only left when something above failed
     return metrics
-
-
-def read_recipe_info(ckpt_dir: str | Path) -> dict:
-    p = Path(ckpt_dir) / "recipe.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}

@@ -54,10 +54,10 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,15 +68,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mmkit.io import atomic_write_json
-from mmkit.nn.modes import evaluating  # noqa: F401  (re-exported: tasks evaluate models with it)
 from mmkit.config import config_to_dict
+from mmkit.hub import CheckpointError, load_weights, read_json, verify_checkpoint
+from mmkit.io import atomic_write_json, make_tmp_dir, recover_dir, replace_dir, share_files
+from mmkit.nn.modes import evaluating  # noqa: F401  (re-exported: tasks evaluate models with it)
 
 __all__ = [
     "TrainConfig", "TrainResult", "train", "lr_factor", "default_param_groups", "local_clip_fn",
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
-    "scaled_param_groups", "freeze", "evaluating",
+    "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -483,13 +484,20 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
 
     With only ``model`` it writes a plain model checkpoint (``model.safetensors`` + ``config.json`` +
     ``trainer_state.json``) that :func:`mmkit.hub.load_model_dir` loads. An existing folder is replaced.
+
+    Every file is written into ``.NAME.<pid>-<random>.tmp`` and fsynced, ``trainer_state.json`` last (it marks the
+    copy complete), then :func:`mmkit.io.replace_dir` swaps it in (rolled back on error). A process killed between
+    the two renames of that swap leaves no ``checkpoint-N`` for a moment: :func:`latest_checkpoint` puts the
+    complete copy back, so ``resume_from="auto"`` never silently restarts at step 0.
     """
     from safetensors.torch import save_model
 
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise FileExistsError(f"{ckpt_dir} is a file; a checkpoint is a folder")
     raw = unwrap(model)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.", suffix=".tmp"))
+    recover_dir(ckpt_dir, _is_complete_checkpoint)     # leftovers of a killed earlier save: put back / delete
+    tmp = make_tmp_dir(ckpt_dir)
     try:
         save_model(raw, str(tmp / WEIGHTS_NAME))
         cfg_dict = _model_config_dict(raw)
@@ -502,7 +510,11 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
             if scheduler is not None:
                 state["scheduler"] = scheduler.state_dict()
             torch.save(state, tmp / STATE_NAME)
-        atomic_write_json(tmp / TRAINER_STATE_NAME, _json_safe({
+        for f in tmp.iterdir():                        # data on disk before the marker and the rename
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        share_files(tmp)                               # safetensors writes 0600 files; checkpoints are shared
+        atomic_write_json(tmp / TRAINER_STATE_NAME, _json_safe({      # last: the copy is complete
             "format": "mmkit-checkpoint-1",
             "step": int(step),
             "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
@@ -510,26 +522,14 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
             "evals": evals or [],
             **(extra or {}),
         }))
-        for f in tmp.iterdir():                        # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            f.chmod(0o644)                             # mkstemp/mkdtemp make private files; checkpoints are shared
-        tmp.chmod(0o755)
-        if ckpt_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.", suffix=".old"))
-            old.rmdir()
-            ckpt_dir.rename(old)
-            try:
-                tmp.rename(ckpt_dir)
-            except BaseException:
-                old.rename(ckpt_dir)                   # put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(ckpt_dir)
+        replace_dir(tmp, ckpt_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)         # only left when something above failed
     return ckpt_dir
+
+
+def _is_complete_checkpoint(d: Path) -> bool:
+    return (d / TRAINER_STATE_NAME).exists() and (d / WEIGHTS_NAME).exists()
 
 
 def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -537,28 +537,36 @@ def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     """Load a :func:`save_checkpoint` folder into ``model`` (strict) and, if given, ``optimizer`` / ``scheduler``.
 
     Weights come from safetensors, the rest from ``torch.load(weights_only=True)``. Returns the trainer state
-    (``step``, ``train_config``, ``history``, ``evals``, ...).
+    (``step``, ``train_config``, ``history``, ``evals``, ...). Weights of another model, a truncated file or a
+    damaged JSON raise :class:`mmkit.hub.CheckpointError` naming the file.
     """
-    from safetensors.torch import load_model
-
     ckpt_dir = Path(ckpt_dir)
     weights = ckpt_dir / WEIGHTS_NAME
     if not weights.exists():
         raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint: {WEIGHTS_NAME} is missing")
+    verify_checkpoint(ckpt_dir)                        # sha256s, when a recipe recorded them
     raw = unwrap(model)
     device = next((p.device for p in raw.parameters()), torch.device("cpu"))
-    missing, unexpected = load_model(raw, str(weights), strict=False, device=str(device))
-    if missing or unexpected:
-        raise RuntimeError(f"{weights} does not match {type(raw).__name__}: missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}. Was it saved from another model or another version of it?")
+    hint = (f"delete {ckpt_dir} (resume then starts from the checkpoint before it) or train again without "
+            "resume_from")
+    load_weights(raw, weights, str(device), hint=hint)
     ts_file = ckpt_dir / TRAINER_STATE_NAME
-    trainer_state = json.loads(ts_file.read_text(encoding="utf-8")) if ts_file.exists() else {"step": 0}
+    trainer_state = read_json(ts_file, "trainer state", hint) if ts_file.exists() else {"step": 0}
+    if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step", 0), int):
+        raise CheckpointError(f"{ts_file} is not a trainer state (a JSON object with an integer 'step'); {hint}")
     if optimizer is not None or scheduler is not None:
         st_file = ckpt_dir / STATE_NAME
         if not st_file.exists():
             raise FileNotFoundError(f"{ckpt_dir} holds no optimizer/scheduler state ({STATE_NAME}): it is a model-only "
                                     "checkpoint, which can initialise a new run but not resume one")
-        state = torch.load(st_file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(st_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:                 # not written by save_checkpoint: never unpickled unsafely
+            raise CheckpointError(f"{st_file} cannot be read: it is not a torch file of tensors and plain values "
+                                  f"(torch.load(weights_only=True) refused it; it is never loaded unsafely); {hint}") \
+                from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:   # truncated / damaged
+            raise CheckpointError(f"{st_file} cannot be read ({type(e).__name__}: {str(e)[:120]}); {hint}") from None
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -571,6 +579,9 @@ def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+_HIDDEN_CKPT_RE = re.compile(r"^\.(checkpoint-\d+)\.(?:[A-Za-z0-9_-]+\.)?(?:tmp|old)$")
+
+
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     if not out_dir.is_dir():
         return []
@@ -578,8 +589,27 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted((s, p) for s, p in found if (p / TRAINER_STATE_NAME).exists())
 
 
+def recover_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Repair what killed saves left in ``out_dir``: a ``checkpoint-N`` that a kill between the two renames of
+    :func:`save_checkpoint` took away is put back from its complete hidden copy, and stale hidden ``.tmp`` / ``.old``
+    folders are deleted (those of processes still running are left alone). Returns the checkpoints put back."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    names = sorted({m.group(1) for p in out_dir.iterdir() if (m := _HIDDEN_CKPT_RE.match(p.name))})
+    restored = []
+    for name in names:
+        dest = out_dir / name
+        existed = dest.exists()
+        if recover_dir(dest, _is_complete_checkpoint) is not None and not existed:
+            restored.append(dest)
+    return restored
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete ``checkpoint-STEP`` folder with the highest STEP in ``out_dir``, or None."""
+    """The complete ``checkpoint-STEP`` folder with the highest STEP in ``out_dir``, or None (after
+    :func:`recover_checkpoints`)."""
+    recover_checkpoints(out_dir)
     ckpts = _checkpoints(Path(out_dir))
     return ckpts[-1][1] if ckpts else None
 
@@ -588,6 +618,8 @@ def _resolve_resume(resume_from: str | Path, cfg: TrainConfig) -> Path | None:
     if str(resume_from) == "auto":
         return latest_checkpoint(cfg.out_dir) if cfg.out_dir else None
     p = Path(resume_from)
+    if _CKPT_RE.match(p.name):
+        recover_dir(p, _is_complete_checkpoint)        # a save killed between its two renames took it away
     if (p / TRAINER_STATE_NAME).exists() and (p / WEIGHTS_NAME).exists():
         return p
     latest = latest_checkpoint(p)

@@ -190,6 +190,158 @@ def test_interrupted_save_leaves_no_half_written_checkpoint(tmp_path, monkeypatc
     assert not torch.equal(load_file(good / "model.safetensors")["fc.weight"], model.fc.weight.detach())
 
 
+def test_weights_of_another_model_are_a_clear_error_naming_the_file(tmp_path):
+    """Issue 17: safetensors returns *sets* of missing / unexpected keys; load_checkpoint sliced them and crashed with
+    "TypeError: 'set' object is not subscriptable" instead of saying what is wrong."""
+    from mmkit.hub import CheckpointError
+
+    small = W.make_model()
+    T.save_checkpoint(tmp_path / "small", small, step=1)
+    wider = W.make_model(d_model=24)                                    # same names, other shapes
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit CopyNet: size mismatch"):
+        T.load_checkpoint(tmp_path / "small", wider)
+
+    class Extra(W.CopyNet):                                              # one extra layer
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.extra = nn.Linear(4, 4)
+
+    with pytest.raises(CheckpointError, match=r"missing \['extra.bias', 'extra.weight'\].*unexpected \[\]"):
+        T.load_checkpoint(tmp_path / "small", Extra(W.CopyNetConfig()))
+    T.save_checkpoint(tmp_path / "extra", Extra(W.CopyNetConfig()), step=1)
+    with pytest.raises(CheckpointError, match=r"missing \[\].*unexpected \['extra.bias', 'extra.weight'\]"):
+        T.load_checkpoint(tmp_path / "extra", W.make_model())
+
+    other = nn.Sequential(nn.Linear(3, 3))                               # another model's folder altogether
+    T.save_checkpoint(tmp_path / "other", other, step=1)
+    with pytest.raises(CheckpointError, match=r"other/model\.safetensors does not match CopyNet: missing "
+                                              r"\['embed.weight', 'fc.bias', .*unexpected \['0.bias', '0.weight'\]"):
+        T.load_checkpoint(tmp_path / "other", W.make_model())
+
+
+def test_damaged_checkpoint_files_name_the_file_and_the_fix(tmp_path):
+    from mmkit.hub import CheckpointError
+
+    model = W.make_model()
+    opt = torch.optim.AdamW(model.parameters())
+    ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])       # truncated
+    with pytest.raises(CheckpointError, match=r"checkpoint-3/model\.safetensors cannot be read as safetensors.*"
+                                              r"truncated or damaged.*Delete"):
+        T.load_checkpoint(ck, W.make_model())
+    ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
+    (ck / "trainer_state.json").write_text('{"step": 3,')                # a damaged JSON
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: this trainer state is not valid JSON \(line 1"):
+        T.load_checkpoint(ck, W.make_model())
+    ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
+    (ck / "training_state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"training_state\.pt cannot be read"):
+        T.load_checkpoint(ck, W.make_model(), torch.optim.AdamW(W.make_model().parameters()))
+
+
+_KILL_BETWEEN_RENAMES = """
+import os, sys, torch
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import _ddp_worker as W
+from mmkit import train as T
+
+out = Path({out!r})
+cfg = T.TrainConfig(steps=6, batch_size=8, mixed_precision="no", progress_bar=False, log_every=0, warmup_steps=2,
+                    lr=1e-2, out_dir=str(out))
+T.train(W.make_model(), W.loss_fn, W.make_dataset(), cfg, stop_at=4)      # writes checkpoint-4
+real = Path.rename
+def rename(self, target):
+    real(self, target)
+    if self.name == "checkpoint-4":                                 # the first rename: the old copy moved aside
+        os._exit(9)                                                 # killed before the second one
+    return target
+Path.rename = rename
+T.train(W.make_model(seed=5), W.loss_fn, W.make_dataset(), cfg, stop_at=4)   # replaces checkpoint-4: killed
+"""
+
+
+def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path):
+    """Issue 17: a process killed between the renames of save_checkpoint (replacing checkpoint-N) left only hidden
+    .tmp / .old folders; latest_checkpoint returned None and resume_from="auto" silently restarted at step 0."""
+    out = tmp_path / "run"
+    code = _KILL_BETWEEN_RENAMES.format(tests=str(Path(__file__).parent), out=str(out))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 9, r.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert "checkpoint-4" not in names and any(n.endswith(".tmp") for n in names) \
+        and any(n.endswith(".old") for n in names), names                # the state the kill left
+    newer = load_file(next(out.glob(".checkpoint-4.*.tmp")) / "model.safetensors")["fc.weight"]
+    older = load_file(next(out.glob(".checkpoint-4.*.old")) / "model.safetensors")["fc.weight"]
+    assert not torch.equal(newer, older)
+    latest = T.latest_checkpoint(out)
+    assert latest == out / "checkpoint-4"                                # put back, not None
+    assert torch.equal(load_file(latest / "model.safetensors")["fc.weight"], newer)   # the newer, complete copy
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]     # hidden copies cleaned up
+    # and a run resuming "auto" continues at step 4 instead of starting again at 0
+    res = train(W.make_model(seed=3), W.loss_fn, W.make_dataset(), quiet(steps=6, batch_size=8, out_dir=str(out)),
+                resume_from="auto")
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6] and res.step == 6   # 4 carried over, 2 new
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_stale_hidden_copies_are_cleaned_and_a_failed_swap_is_rolled_back(tmp_path, monkeypatch):
+    from mmkit import io as mio
+
+    out = tmp_path / "run"
+    model = W.make_model()
+    T.save_checkpoint(out / "checkpoint-2", model, step=2)
+    # what killed writers leave: an incomplete .tmp (no trainer_state.json) of a process that no longer runs, and
+    # an .old copy of a finished swap; old-style names (mkdtemp, no pid) count as stale too
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (out / f".checkpoint-2.{dead}-abc123.tmp").mkdir()
+    (out / f".checkpoint-2.{dead}-abc123.tmp" / "model.safetensors").write_bytes(b"half")
+    (out / ".checkpoint-2.k2j4_x9a.old").mkdir()
+    (out / f".checkpoint-9.{os.getpid()}-ffff.tmp").mkdir()              # this process is writing it: left alone
+    assert T.latest_checkpoint(out) == out / "checkpoint-2"
+    assert sorted(p.name for p in out.iterdir()) == [f".checkpoint-9.{os.getpid()}-ffff.tmp", "checkpoint-2"]
+
+    # the second rename fails: the previous checkpoint is put back, the parent folder fsynced after each rename
+    synced = []
+    monkeypatch.setattr(mio, "fsync_dir", lambda p: synced.append(Path(p)))
+    real = Path.rename
+
+    def failing(self, target):
+        if self.name.endswith(".tmp") and Path(target).name == "checkpoint-2":
+            raise OSError("rename failed")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with torch.no_grad():
+        model.fc.weight.fill_(0.5)
+    with pytest.raises(OSError, match="rename failed"):
+        T.save_checkpoint(out / "checkpoint-2", model, step=2)
+    monkeypatch.setattr(Path, "rename", real)
+    assert not torch.all(load_file(out / "checkpoint-2" / "model.safetensors")["fc.weight"] == 0.5)  # old one back
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".checkpoint-9")) == ["checkpoint-2"]
+    assert synced.count(out) >= 2, synced                                # moved aside, put back: both made durable
+    synced.clear()
+    T.save_checkpoint(out / "checkpoint-2", model, step=2)
+    assert torch.all(load_file(out / "checkpoint-2" / "model.safetensors")["fc.weight"] == 0.5)
+    assert synced.count(out) >= 2, synced                                # old aside + new in, each fsynced
+
+
+def test_checkpoint_files_are_readable_by_others(tmp_path):
+    """Issue 17: files written by atomic_write_* (trainer_state.json, config.json) were 0600 (mkstemp's mode)."""
+    old = os.umask(0o022)
+    try:
+        ck = T.save_checkpoint(tmp_path / "ck", W.make_model(), torch.optim.AdamW(W.make_model().parameters()), step=1)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in ck.iterdir()}
+    assert modes == {n: 0o644 for n in ("config.json", "model.safetensors", "trainer_state.json",
+                                        "training_state.pt")}, modes
+    assert ck.stat().st_mode & 0o777 == 0o755
+
+
 # --- precision and hooks ----------------------------------------------------------------------------------
 def test_auto_precision_threshold_and_bf16_training():
     narrow = nn.Sequential(nn.Linear(128, 512), nn.Linear(512, 128))   # a 128-wide FFN: width 128
