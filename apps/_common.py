@@ -48,10 +48,15 @@ def _is_symbol(ch: str) -> bool:
     return cat in ("So", "Cs", "Co") or ch in "\u200d\ufe0f\ufe0e"
 
 
+def _is_break(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and not _is_symbol(ch)
+
+
 def clean_text(text: str | None, *, field: str = "prompt", max_chars: int = 300, example: str = "") -> CleanText:
     """Check and tidy a typed text; raise InputError with the fix when nothing usable is left.
 
-    Removes control characters and emoji / symbols (the world's vocabulary has none), collapses whitespace.
+    Turns control and invisible characters into spaces, removes emoji / symbols (the world's vocabulary has none),
+    collapses whitespace; text without a letter or digit left is refused.
     """
     hint = f" such as: {example}" if example else ""
     if text is None or not str(text).strip():
@@ -61,10 +66,14 @@ def clean_text(text: str | None, *, field: str = "prompt", max_chars: int = 300,
         raise InputError(f"The {field} has {len(text):,} characters; the limit is {max_chars}. "
                          f"Shorten it to one short sentence{hint}.")
     notes = []
-    controls = sum(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text)
+    # control characters, and invisible format characters / line separators (zero-width space, BOM, U+2028), are
+    # word breaks: "red\x00circle" and "red\u200bcircle" are two words, not "redcircle"
+    controls = sum(_is_break(c) and c not in "\t\n\r" for c in text)
     symbols = sum(_is_symbol(c) for c in text)
-    kept = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text if not _is_symbol(c))
+    kept = "".join(" " if _is_break(c) else c for c in text if not _is_symbol(c))
     kept = re.sub(r"\s+", " ", kept).strip()
+    if not any(unicodedata.category(c)[0] in "LN" for c in kept):
+        kept = ""                                 # only punctuation left: no words
     if controls:
         notes.append(f"removed {controls} control character{'s' * (controls > 1)}")
     if symbols:

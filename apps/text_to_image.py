@@ -15,8 +15,10 @@ pixel stays visible). Each image's caption gives its rank, its image-text matchi
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a fresh clone without installing
@@ -37,6 +39,9 @@ EXAMPLES = [
 EXAMPLE = EXAMPLES[0]
 DISPLAY_SCALE = 4                                 # 32 px images are shown at 128 px
 MAX_SAMPLES = 8
+MAX_TOP_K = 256                                   # the VQGAN has 256 codes; 0 = all
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 5.0
+MAX_SEED = 2**63 - 1                              # torch.Generator seeds are 64-bit
 
 
 class T2IApp:
@@ -72,27 +77,57 @@ class T2IApp:
                            f"e.g. {EXAMPLE}")
         return clean.text, clean.notes
 
+    def check_settings(self, top_k, temperature, n_samples, seed) -> dict:
+        """The sampling settings as the generator takes them, or a gr.Error naming the bad one and its range.
+
+        Checked here, before anything runs: the samples come from a lazy generator, so a setting it refused (a seed
+        of 10**30) used to fail inside the loop below, outside any error handling."""
+        def number(name, v, lo, hi, whole=False):
+            kind = "a whole number" if whole else "a number"
+            bad = gr.Error(f"{name} must be {kind} from {lo} to {hi}, got {v!r}.")
+            if isinstance(v, bool):
+                raise bad
+            if isinstance(v, int):                        # exact, even beyond float precision (seeds)
+                x = v
+            else:
+                try:
+                    x = float(v)
+                except (TypeError, ValueError):
+                    raise bad from None
+                if not math.isfinite(x) or (whole and x != int(x)):
+                    raise bad
+                x = int(x) if whole else x
+            if not lo <= x <= hi:
+                raise bad
+            return x
+
+        k = number("top-k", 0 if top_k is None else top_k, 0, MAX_TOP_K, whole=True)
+        return dict(n_samples=number("samples", n_samples, 1, MAX_SAMPLES, whole=True), top_k=k or None,
+                    temperature=number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
+                    seed=number("seed", seed, 0, MAX_SEED, whole=True))
+
     def generate(self, prompt: str, top_k: float = 8, temperature: float = 1.0, n_samples: float = 4,
                  seed: float = 0, rerank: bool = True):
         """Yield (gallery, status) after every sample, then the reranked gallery."""
         from mmkit.evaluation.faithfulness import faithfulness
 
         text, notes = self.check_prompt(prompt)
-        try:
-            n = int(min(MAX_SAMPLES, max(1, n_samples)))
-            kw = dict(n_samples=n, top_k=int(top_k) if top_k and int(top_k) > 0 else None,
-                      temperature=max(0.05, float(temperature)), seed=int(seed))
-            samples = self.entry.samples(self.loaded, text, **kw)
-        except (TypeError, ValueError) as e:
-            raise gr.Error(f"Bad sampling setting: {e}") from None
+        kw = self.check_settings(top_k, temperature, n_samples, seed)
+        n = kw["n_samples"]
         t0 = time.perf_counter()
         images, gallery = [], []
         note = (" (" + "; ".join(notes) + ")") if notes else ""
-        for k, img in enumerate(samples):
-            images.append(img)
-            check = faithfulness(img, text)
-            gallery.append((_display(img), f"sample {k + 1}: {_verdict(check)}"))
-            yield gallery, f"Drawing sample {k + 1} of {n}{note} ..."
+        try:
+            for k, img in enumerate(self.entry.samples(self.loaded, text, **kw)):
+                images.append(img)
+                check = faithfulness(img, text)
+                gallery.append((_display(img), f"sample {k + 1}: {_verdict(check)}"))
+                yield gallery, f"Drawing sample {k + 1} of {n}{note} ..."
+        except (TypeError, ValueError) as e:              # a prompt or setting the generator refuses
+            raise gr.Error(f"Cannot draw this: {e}") from None
+        except Exception as e:                           # a bug: say so briefly; the log has the traceback
+            traceback.print_exc()
+            raise gr.Error(f"The generator failed ({type(e).__name__}); try another prompt or setting.") from None
         secs = time.perf_counter() - t0
         status = f"{len(images)} samples in {secs:.1f} s ({secs / len(images):.2f} s per image){note}."
         if rerank and self.can_rerank:

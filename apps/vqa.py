@@ -19,6 +19,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # run from a fresh clone without install
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # run from
 from _common import InputError, clean_text, launch, parse_args, unknown_words  # noqa: E402
 
 MAX_QUESTION_CHARS = 200
+HEATMAP_METHODS = ("gradcam", "saliency")
 DISPLAY = 256                         # side of the shown images (the model's 32 px, enlarged without smoothing)
 EXAMPLE_QUESTIONS = [                 # every question type, English and Chinese
     ("what colour is the circle?", "colour"), ("what shape is the red object?", "shape"),
@@ -98,22 +100,35 @@ def build_demo():
                                                          test_seeds[42], test_seeds[57], test_seeds[64])]
 
     def run(image, question, model_name, method):
-        """Preprocess, answer, heat map; every person-fixable problem becomes a gr.Error (no traceback)."""
+        """Preprocess, answer, heat map; every problem becomes a gr.Error with a message (never a traceback), and
+        the server stays up for the next request."""
         t0 = time.perf_counter()
         try:
             q = clean_text(question, field="question", max_chars=MAX_QUESTION_CHARS,
                            example="what colour is the circle?")
-            if model_name not in models:
+            if not isinstance(model_name, str) or model_name not in models:
                 raise InputError(f"Unknown model {model_name!r}; choose one of {list(models)}.")
+            if method not in HEATMAP_METHODS:
+                raise InputError(f"Unknown heat map method {method!r}; choose one of {list(HEATMAP_METHODS)}.")
             entry = models[model_name]
             pre = preprocess_image(image, size=entry.image_size)
         except (InputError, ImageInputError) as e:
             raise gr.Error(str(e), print_exception=False) from None
+        except (OSError, ValueError, TypeError, MemoryError) as e:      # anything else a picture can do
+            raise gr.Error(f"This picture cannot be used ({type(e).__name__}: {str(e)[:120]}). Save it as a PNG "
+                           "or JPEG and try again.", print_exception=False) from None
         t1 = time.perf_counter()
-        model = entry.model()
-        a = entry.answer(model, pre.tensor, q.text)
-        t2 = time.perf_counter()
-        heat = entry.heatmap(model, pre.tensor, a.question, a.answer, method=method)
+        try:
+            model = entry.model()
+            a = entry.answer(model, pre.tensor, q.text)
+            t2 = time.perf_counter()
+            heat = entry.heatmap(model, pre.tensor, a.question, a.answer, method=method)
+        except ValueError as e:                      # the question (too long, no words) or a setting
+            raise gr.Error(f"{str(e)[:1].upper()}{str(e)[1:]}", print_exception=False) from None
+        except Exception as e:                       # a bug: say so briefly; the log has the traceback
+            traceback.print_exc()
+            raise gr.Error(f"The model failed on this request ({type(e).__name__}); try another picture or "
+                           "question.", print_exception=False) from None
         t3 = time.perf_counter()
         notes = q.notes + pre.notes
         unknown = unknown_words(tok, a.question)
@@ -172,7 +187,7 @@ def build_demo():
                                       max_lines=2)
                 with gr.Row():
                     model = gr.Dropdown(list(models), value=default_model, label="Model")
-                    method = gr.Radio(["gradcam", "saliency"], value="gradcam", label="Heat map")
+                    method = gr.Radio(list(HEATMAP_METHODS), value="gradcam", label="Heat map")
                 gr.Examples([[q] for q, _ in EXAMPLE_QUESTIONS], inputs=[question],
                             label="Example questions (every type)")
                 gr.Examples(examples, inputs=[image, question], label="Shapes World scenes (held-out test split)")

@@ -17,18 +17,21 @@ Special tokens every model of the kit uses: [PAD] [UNK] [CLS] [SEP] [MASK] [BOS]
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import torch
+from tokenizers import Regex, normalizers
+from transformers import PreTrainedTokenizerFast
 
 import mmkit.registry as registry
-from mmkit.hub import checkpoint_dir
 from mmkit.data import text_corpus
+from mmkit.hub import checkpoint_dir, verify_checkpoint
 
-__all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "SpecialIds", "train_tokenizer", "train_world_tokenizer",
+__all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "SpecialIds", "KitTokenizer", "train_tokenizer", "train_world_tokenizer",
            "load_tokenizer", "world_tokenizer", "pad_ids", "pad_texts", "decode", "decode_rows", "join_text",
            "add_image_code_tokens", "add_coordinate_tokens"]
 
@@ -39,6 +42,65 @@ _ALPHABET = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,;:!?'\"()-/&%
 _ALPHABET += list("，。！？；：、（）“”《》")
 
 WORLD_TOKENIZER_NAME = "tokenizer-world"
+
+# Characters that separate words although BERT's normaliser (clean_text) deletes them: control characters (\x00),
+# invisible format characters (zero-width space U+200B, joiners, BOM) and line / paragraph separators. Deleted,
+# "red\x00circle" read as one word "redcircle"; they become spaces first. The soft hyphen (U+00AD) stays: it sits
+# inside a word and BERT deletes it, which is right.
+SEPARATOR_PATTERN = r"[[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]&&[^\x{00AD}]]"
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _separator_normalizer():
+    return normalizers.Replace(Regex(SEPARATOR_PATTERN), " ")
+
+
+def _clean(text: Any) -> Any:
+    """Lone surrogates (from a bad decode, e.g. '\\ud800' in JSON) cannot reach the Rust tokenizer, which takes only
+    valid Unicode (it raised TypeError): they become spaces. Lists / tuples (batches, pairs) are cleaned inside."""
+    if isinstance(text, str):
+        return _SURROGATE.sub(" ", text) if _SURROGATE.search(text) else text
+    if isinstance(text, list):
+        return [_clean(t) for t in text]
+    if isinstance(text, tuple):
+        return tuple(_clean(t) for t in text)
+    return text
+
+
+class KitTokenizer(PreTrainedTokenizerFast):
+    """The kit's tokenizer class: a transformers fast tokenizer whose input is made safe first.
+
+    * control / zero-width / separator characters split words (a normaliser step before BERT's, see
+      :data:`SEPARATOR_PATTERN`), instead of being deleted and merging the words around them;
+    * lone surrogates become spaces instead of a ``TypeError`` from the Rust side.
+
+    Saved folders reload with ``AutoTokenizer`` too (as a plain fast tokenizer, keeping the normaliser step).
+    """
+
+    # (No __init__ override: transformers rebuilds the backend from scratch for subclasses that define one.)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        tok = super().from_pretrained(*args, **kwargs)
+        tok._ensure_separators()
+        return tok
+
+    def _ensure_separators(self) -> None:
+        if getattr(self, "_separators_ok", False):
+            return
+        backend = self.backend_tokenizer
+        if SEPARATOR_PATTERN not in json.dumps(json.loads(backend.to_str()).get("normalizer")):
+            current = backend.normalizer
+            backend.normalizer = normalizers.Sequence([_separator_normalizer()] + ([current] if current else []))
+        self._separators_ok = True
+
+    def _encode_plus(self, text, text_pair=None, *args, **kwargs):
+        self._ensure_separators()
+        return super()._encode_plus(_clean(text), _clean(text_pair), *args, **kwargs)
+
+    def _encode_without_added_tokens(self, text: str) -> list[int]:
+        self._ensure_separators()
+        return super()._encode_without_added_tokens(_clean(text))
 
 
 class SpecialIds(NamedTuple):
@@ -138,12 +200,12 @@ def _with_continuation_alphabet(tk):
 
 
 def _wrap(tk):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
+    tok = KitTokenizer(
         tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", bos_token="[BOS]", eos_token="[EOS]", model_max_length=512,
         model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    tok._ensure_separators()
+    return tok
 
 
 def train_world_tokenizer(n_scenes: int = 4000, vocab_size: int = 2000, split: str = "train"):
@@ -160,7 +222,9 @@ def load_tokenizer(name_or_path: str | Path = "world"):
     from transformers import AutoTokenizer
 
     if str(name_or_path) in ("world", WORLD_TOKENIZER_NAME):
-        return AutoTokenizer.from_pretrained(checkpoint_dir(WORLD_TOKENIZER_NAME), local_files_only=True)
+        d = checkpoint_dir(WORLD_TOKENIZER_NAME)
+        verify_checkpoint(d)                                     # sha256s recorded in its recipe.json
+        return KitTokenizer.from_pretrained(d, local_files_only=True)
     path = Path(name_or_path)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -169,7 +233,13 @@ def load_tokenizer(name_or_path: str | Path = "world"):
             "(e.g. a downloaded bert-base-chinese).")
     if not any((path / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json / vocab.txt / tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    verify_checkpoint(path)                                      # a hub folder: its recorded sha256s
+    cfg_file = path / "tokenizer_config.json"
+    try:
+        kit = json.loads(cfg_file.read_text(encoding="utf-8")).get("tokenizer_class") == "KitTokenizer"
+    except (OSError, ValueError, AttributeError):
+        kit = False
+    tok = (KitTokenizer if kit else AutoTokenizer).from_pretrained(path, local_files_only=True)
     for name, tok_str in (("bos_token", "[BOS]"), ("eos_token", "[EOS]")):
         # BERT tokenizers have no BOS/EOS; decoders of the kit need them: add them as new special tokens.
         if getattr(tok, name) is None:

@@ -25,8 +25,16 @@ def test_clean_text_keeps_words_and_says_what_it_removed():
     assert clean_text("红色的圆").text == "红色的圆" and clean_text("a circle").notes == []
 
 
+def test_invisible_characters_are_word_breaks():
+    """Issue 17: "red\x00circle" / "red\u200bcircle" must read as two words (the tokenizer used to merge them)."""
+    for sep in ("\x00", "\u200b", "\ufeff", "\u2028", "\x1b"):
+        t = clean_text(f"a red{sep}circle", example="a red circle")
+        assert t.text == "a red circle" and t.notes == ["removed 1 control character"], repr(sep)
+
+
 @pytest.mark.parametrize("text, words", [(None, "empty"), ("   \n ", "empty"), ("😀🎨", "no words left"),
-                                         ("\x00\x01", "no words left"), ("x" * 10_000, "10,000 characters")])
+                                         ("\x00\x01", "no words left"), ("\u200b\u200b", "no words left"),
+                                         ("?!? ...", "no words left"), ("x" * 10_000, "10,000 characters")])
 def test_bad_text_gets_a_message_with_the_fix(text, words):
     with pytest.raises(InputError, match=words) as e:
         clean_text(text, field="prompt", max_chars=300, example="a red circle")

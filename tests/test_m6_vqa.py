@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -15,31 +16,41 @@ from PIL import Image, ImageDraw
 
 from mmkit import hub
 from mmkit.data.augment import AugmentConfig, draw_augmented
-from mmkit.data.scenes import render_uint8
+from mmkit.data.scenes import render_uint8, sample_scenes
 from mmkit.data.preprocess import ImageInputError, open_image, preprocess_image
 from mmkit.data.text import ANSWERS_EN, ANSWERS_ZH
-from mmkit.data.world import make_scene, render, sample_scene
+from mmkit.data.world import COLOURS, COLOURS_ZH, SHAPES, SHAPES_ZH, make_scene, render, sample_scene
 from mmkit.data.text import QTYPES
-from mmkit.data.vqa import normalise_question, question_language
+from mmkit.data.vqa import eval_questions, normalise_question, question_language
 from mmkit.m6.tasks import vqa as V
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _blind import blind_eval, blind_prior  # noqa: E402
 from _vqa_drawings import drawn_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Chance per type (uniform over the answers a question of the type can have) and the floors this test enforces:
-# accuracy of the shipped m6-tiny-vqa measured on these very questions minus ~0.07-0.13. Measured (test split, 400
-# other scenes, 2649 questions): colour 0.70, shape 0.65, size 0.82, count 0.72, position 0.60, existence 0.62,
-# relation 0.49; drawn pictures (400 pairs): colour 0.77, shape 0.52, count 0.69, position 0.62.
-# Existence and relation questions are NOT learned reliably by the tiny model (near chance): their floors only
-# guard against a collapse, they claim nothing above chance.
-CHANCE = {"colour": 1 / 6, "shape": 1 / 3, "size": 1 / 2, "count": 1 / 4, "existence": 1 / 2, "position": 1 / 9,
-          "relation": 1 / 2}
-WORLD_FLOOR = {"colour": 0.6, "shape": 0.55, "size": 0.75, "count": 0.65, "position": 0.52,
-               "existence": 0.42, "relation": 0.3}
-LEARNED = ("colour", "shape", "size", "count", "position")      # floors clearly above chance
-DRAWN_FLOOR = {"colour": 0.6, "shape": 0.45, "count": 0.55, "position": 0.55}
+# Accuracy floors are "blind baseline + margin", the blind baseline computed in the test (tests/_blind.py: the most
+# frequent training answer for the exact question string, fitted on 6000 train scenes) on the very questions the
+# model is scored on. A model that never looks at the image gets exactly the blind score, so it fails every floor.
+#
+# THE TABLE TO RAISE: the margin the model must clear over the blind baseline, per question type (None: no per-type
+# floor yet, the type only counts in the overall one). Measured for the shipped m6-tiny-vqa on this test's questions
+# (world test split, 160 scenes, 1062 questions; model / blind): colour 0.706 / 0.100, shape 0.637 / 0.331, size
+# 0.844 / 0.519, count 0.756 / 0.644, existence 0.537 / 0.525, position 0.619 / 0.081, relation 0.392 / 0.559,
+# overall 0.655 / 0.385, English 0.618 / 0.397, Chinese 0.694 / 0.373. Count, existence and relation do not clear
+# the blind baseline by a real margin (on 400 other scenes: +0.07, +0.12, -0.02), so they have no per-type floor.
+# When the retrained model ships (>= 0.90 overall), raise these numbers and give count / existence / relation one.
+MARGIN_OVER_BLIND = {"colour": 0.40, "shape": 0.20, "size": 0.20, "count": None, "existence": None,
+                     "position": 0.35, "relation": None, "overall": 0.20, "per_language": 0.15}
+# Pictures drawn by tests/_vqa_drawings.py (60 per type; model / blind measured): colour 0.717 / 0.250, shape 0.583 /
+# 0.383, count 0.683 / 0.367, position 0.683 / 0.133, overall 0.667 / 0.283.
+DRAWN_MARGIN_OVER_BLIND = {"colour": 0.35, "shape": 0.12, "count": 0.15, "position": 0.40, "overall": 0.25}
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return blind_prior()
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +127,64 @@ def test_bad_pictures_get_clear_messages(tmp_path):
     assert open_image(path).size == (6000, 6000)
 
 
+def test_long_thin_pictures_are_refused_or_shrunk_before_padding(tmp_path):
+    """Issue 17: a 1 kB PNG of 45000x8 pixels passed the pixel-count check (0.36 MP) and was padded to a 45000 x 45000
+    square: ~6 GB. The longest side is bounded, and pictures are shrunk before they are padded."""
+    import tracemalloc
+
+    strip = _png(Image.new("RGB", (45000, 8), "white"))
+    assert len(strip) < 2000
+    with pytest.raises(ImageInputError, match="45000x8 pixels; sides longer than 10,000 pixels are refused"):
+        preprocess_image(strip)
+    with pytest.raises(ImageInputError, match="sides longer than"):
+        preprocess_image(np.zeros((8, 45000, 3), np.uint8))
+    tall = Image.new("RGB", (9, 9000), (250, 250, 250))                  # allowed: shrunk first, then padded
+    ImageDraw.Draw(tall).rectangle((0, 4000, 8, 5000), fill=(220, 38, 38))
+    tracemalloc.start()
+    p = preprocess_image(_png(tall))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert p.tensor.shape == (3, 32, 32) and any("padded from 9x9000" in n for n in p.notes)
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MB"                   # padding first took 9000^2 x 3 = 243 MB
+
+
+def test_arrays_and_tensors_outside_their_range_are_refused(model):
+    """Issue 17: a float image in 0-255 was answered (nonsense); float arrays in [0, 1] were read as 0-255 (black)."""
+    lone = render_uint8(make_scene([("circle", "red", "large", "top left")]), 32).float() / 255
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], this one goes from 38 to 252; divide a 0-255 image by 255"):
+        V.answer(model, lone * 255, "what colour is the circle?")
+    with pytest.raises(ValueError, match="NaN"):
+        V.answer(model, torch.full((3, 32, 32), float("nan")), "what colour is the circle?")
+    arr = lone.permute(1, 2, 0).numpy()                                  # (H, W, 3) float in [0, 1]
+    assert torch.allclose(preprocess_image(arr).tensor, lone, atol=1 / 255)
+    assert V.answer(model, arr, "what colour is the circle?").answer == "red"
+    with pytest.raises(ImageInputError, match=r"float image array holds values from 38 to 252"):
+        preprocess_image(arr * 255)
+    with pytest.raises(ImageInputError, match="channels first"):
+        preprocess_image(np.zeros((3, 40, 40), np.uint8))
+    with pytest.raises(ImageInputError, match="values from -3 to 300"):
+        preprocess_image(np.array([[-3, 300]] * 40 * 20, np.int32).reshape(40, 40))
+
+
+def test_questions_without_words_or_too_long_are_refused(model):
+    """Issue 17: a question of control characters was answered; a 1500-word question was silently cut to 48 tokens."""
+    lone = render_uint8(make_scene([("circle", "red", "large", "top left")]), 32).float() / 255
+    for q in ("\x00\x07\x1b", "\u200b\u200b", "?!?", "😀🎉"):
+        with pytest.raises(ValueError, match="no words"):
+            V.answer(model, lone, q)
+    with pytest.raises(ValueError, match=r"the question is too long: \d+ tokens .* at most 48"):
+        V.answer(model, lone, "what colour is the circle " * 300)
+    with pytest.raises(ValueError, match="too long"):
+        V.answer_heatmap(model, lone, "what colour is the circle " * 300, "red")
+    with pytest.raises(ValueError, match="must be a string"):
+        V.answer(model, lone, None)
+    for kw in (dict(top_k=0), dict(num_beams=0), dict(max_new_tokens=-1), dict(max_new_tokens=10_000)):
+        with pytest.raises(ValueError, match="must be a whole number"):
+            V.answer(model, lone, "what colour is the circle?", **kw)
+    # control characters inside a real question separate words; the answer is the same as without them
+    assert V.answer(model, lone, "what\x00colour is\u200bthe circle?").answer == "red"
+
+
 def test_augmentations_keep_semantics():
     scene = make_scene([("circle", "red", "large", "top left"), ("square", "blue", "small", "bottom right")])
     rng = random.Random(0)
@@ -138,19 +207,23 @@ def test_question_pattern():
 
 
 def test_answer_confidence_alternatives_and_heatmap(model):
-    scene = make_scene([("circle", "red", "large", "top left"), ("square", "blue", "small", "bottom right")])
-    img = render_uint8(scene, 32).float() / 255
-    a = V.answer(model, img, "What color is the circle?")
-    assert a.answer in ANSWERS_EN[:6] and a.in_vocabulary and a.lang == "en"          # a colour word
+    # one object: every question has exactly one right answer, and the model must give it (not just "a colour word")
+    lone = render_uint8(make_scene([("circle", "red", "large", "top left")]), 32).float() / 255
+    a = V.answer(model, lone, "What color is the circle?")
+    assert a.answer == "red" and a.in_vocabulary and a.lang == "en"
     assert a.question == "what colour is the circle?"
     probs = [p for _, p in a.alternatives]
     assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-4
     # the confidence is the answer's sequence probability, the same number its entry in the alternatives has
-    assert abs(dict(a.alternatives).get(a.answer, a.confidence) - a.confidence) < 1e-5 and 0 < a.confidence <= 1
-    z = V.answer(model, img, "正方形是什么颜色的？")
-    assert z.lang == "zh" and z.answer in ANSWERS_ZH and all(alt in ANSWERS_ZH for alt, _ in z.alternatives)
-    b = V.answer(model, img, "where is the square?", num_beams=3)                    # beam search
-    assert b.answer in ANSWERS_EN and b.confidence > 0
+    assert a.alternatives[0][0] == "red" and abs(a.alternatives[0][1] - a.confidence) < 1e-5 and 0.3 < a.confidence <= 1
+    z = V.answer(model, lone, "圆形是什么颜色的？")
+    assert z.lang == "zh" and z.answer == "红色" and all(alt in ANSWERS_ZH for alt, _ in z.alternatives)
+    b = V.answer(model, lone, "where is the circle?", num_beams=3)                  # beam search
+    assert b.answer == "top left" and b.confidence > 0
+    assert V.answer(model, lone, "圆形在哪里？").answer == "左上方"
+    assert V.answer(model, lone, "is the circle small or large?").answer == "large"
+    scene = make_scene([("circle", "red", "large", "top left"), ("square", "blue", "small", "bottom right")])
+    img = render_uint8(scene, 32).float() / 255
     for method in ("gradcam", "saliency"):
         h = V.answer_heatmap(model, img, "where is the square?", "bottom right", method=method)
         assert h.shape == (32, 32) and float(h.min()) >= 0 and float(h.max()) == pytest.approx(1.0)
@@ -160,6 +233,7 @@ def test_answer_confidence_alternatives_and_heatmap(model):
                               ("bottom left", (slice(16, 32), slice(0, 16)))):
         one = render_uint8(make_scene([("square", "blue", "large", pos)]), 32).float() / 255
         a = V.answer(model, one, "what colour is the square?")
+        assert a.answer == "blue", (pos, a.answer)
         for method in ("gradcam", "saliency"):
             h = V.answer_heatmap(model, one, a.question, a.answer, method=method)
             assert float(h[rows, cols].mean()) > 1.3 * float(h.mean()), (pos, method)
@@ -167,37 +241,101 @@ def test_answer_confidence_alternatives_and_heatmap(model):
         V.answer(model, img, "   ")
 
 
+def test_the_colour_of_a_lone_object_is_read_from_the_picture(model, prior):
+    """Every colour x shape alone in the middle: the question string is the same for all colours of a shape, so the
+    blind baseline gets at most one colour per shape right (3 of 18); the model has to read the pixels."""
+    from mmkit.data.world import COLOURS, SHAPES
+
+    items, images = [], []
+    for shape in SHAPES:
+        for colour in COLOURS:
+            images.append(render_uint8(make_scene([(shape, colour, "large", "center")]), 32).float() / 255)
+            items.append((f"what colour is the {shape}?", colour, "colour", "en"))
+    ev = V.evaluate_vqa_images(model, torch.stack(images), items)
+    blind = blind_eval(prior, items)
+    right, blind_right = round(ev.accuracy * 18), round(blind.accuracy * 18)
+    print("lone objects: model", right, "/ 18, blind", blind_right, "/ 18")
+    assert blind_right <= 3 and right >= 17 and right >= blind_right + 12, (right, blind_right)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Accuracy: held-out world scenes, pictures drawn by this test, zero-shot, learning
 # ---------------------------------------------------------------------------------------------------------
 
-def test_world_test_split_accuracy_per_type(model):
-    ev = V.evaluate_vqa(model, "test", n=160)
-    print("world test split:", {k: round(v, 3) for k, v in ev.per_type.items()}, ev.per_lang)
-    assert set(ev.per_type) == set(QTYPES) and ev.n_questions > 700
+def _floors(ev, blind, margins):
+    """Assert accuracy >= blind + margin overall and for every type with a margin; return the table printed."""
+    rows = {t: (round(ev.per_type[t], 3), round(blind.per_type[t], 3)) for t in ev.per_type}
+    rows["overall"] = (round(ev.accuracy, 3), round(blind.accuracy, 3))
+    assert ev.accuracy >= blind.accuracy + margins["overall"], ("overall", ev.accuracy, blind.accuracy)
     for t, acc in ev.per_type.items():
-        assert acc >= WORLD_FLOOR[t], (t, acc)
-        assert t not in LEARNED or WORLD_FLOOR[t] > CHANCE[t] + 0.2
-    assert min(ev.per_lang.values()) > 0.55
+        m = margins.get(t)
+        if m is not None:
+            assert acc >= blind.per_type[t] + m, (t, acc, blind.per_type[t], m)
+    return rows
+
+
+def test_world_test_split_accuracy_per_type(model, prior):
+    ev = V.evaluate_vqa(model, "test", n=160)
+    blind = blind_eval(prior, [(r[0], r[1], r[3], r[4]) for r in ev.records])   # the same questions, no image
+    print("world test split (model, blind):", _floors(ev, blind, MARGIN_OVER_BLIND), ev.per_lang, blind.per_lang)
+    assert set(ev.per_type) == set(QTYPES) and ev.n_questions > 700
+    with pytest.raises(AssertionError):                      # the floors refuse a model that never looks at the image
+        _floors(blind, blind, MARGIN_OVER_BLIND)
+    for lang, acc in ev.per_lang.items():
+        assert acc >= blind.per_lang[lang] + MARGIN_OVER_BLIND["per_language"], (lang, acc, blind.per_lang[lang])
     assert all(r[2] in ANSWERS_EN + ANSWERS_ZH for r in ev.records[:50])     # generated text is an answer word
 
 
-def test_drawn_pictures_accuracy_per_type(model):
+def test_drawn_pictures_accuracy_per_type(model, prior):
     """240 pictures drawn by tests/_vqa_drawings.py (thick strokes, rotation, off-white, JPEG; not the world's
     renderer), 60 questions per type, EN + ZH."""
     pairs = drawn_pairs(60, seed=7)
     images = torch.stack([preprocess_image(p[0].png).tensor for p in pairs])
-    ev = V.evaluate_vqa_images(model, images, [(q, a, t, lang) for _, q, a, t, lang in pairs])
-    print("drawn pictures:", {k: round(v, 3) for k, v in ev.per_type.items()}, ev.n_questions)
-    assert ev.n_questions == 240
-    for t, acc in ev.per_type.items():
-        assert acc >= DRAWN_FLOOR[t] > CHANCE[t] + 0.1, (t, acc)
+    items = [(q, a, t, lang) for _, q, a, t, lang in pairs]
+    ev = V.evaluate_vqa_images(model, images, items)
+    blind = blind_eval(prior, items)
+    print("drawn pictures (model, blind):", _floors(ev, blind, DRAWN_MARGIN_OVER_BLIND), ev.n_questions)
+    assert ev.n_questions == 240 and set(ev.per_type) == set(DRAWN_MARGIN_OVER_BLIND) - {"overall"}
+    with pytest.raises(AssertionError):
+        _floors(blind, blind, DRAWN_MARGIN_OVER_BLIND)
 
 
-def test_zero_shot_is_far_below_fine_tuned():
-    answers, gen, ranked = V.zero_shot_answers(hub.load("m6-tiny-pretrained"), n=12)
-    assert answers and all(isinstance(a.generated, str) for a in answers)
-    assert gen.accuracy < 0.2 and ranked.accuracy < 0.4          # fine-tuned: 0.67 (test above)
+_PAIR_EN = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
+_PAIR_ZH = re.compile(rf"({'|'.join(COLOURS_ZH.values())})({'|'.join(SHAPES_ZH.values())})")
+
+
+def _named_pairs(text: str) -> set:
+    """(colour, shape) pairs a generated text names, English or Chinese ("a small blue square", "蓝色正方形")."""
+    zh_c = {v: k for k, v in COLOURS_ZH.items()}
+    zh_s = {v: k for k, v in SHAPES_ZH.items()}
+    return set(_PAIR_EN.findall(text)) | {(zh_c[c], zh_s[s]) for c, s in _PAIR_ZH.findall(text)}
+
+
+def test_zero_shot_reads_the_picture_but_does_not_answer(model, prior):
+    """M6 §4.2 "without finetuning": the pretrained model continues "question ... answer:" with a caption of the
+    picture (it reads the image: the objects it names are in *its* scene far more often than in another scene), but
+    it does not answer: below the blind baseline, far below the fine-tuned model on the same questions."""
+    n = 12
+    answers, gen, ranked = V.zero_shot_answers(hub.load("m6-tiny-pretrained"), n=n)
+    scenes = sample_scenes("test", n)
+    index = [i for i, _ in eval_questions(scenes, 0)]                  # the scene of every zero-shot question
+    assert len(index) == len(answers) and all(isinstance(a.generated, str) for a in answers)
+    named = own = other = 0
+    for i, a in zip(index, answers):
+        pairs = _named_pairs(a.generated)
+        if pairs:
+            named += 1
+            own += pairs <= {(o.colour, o.shape) for o in scenes[i].objects}
+            other += pairs <= {(o.colour, o.shape) for o in scenes[(i + 1) % n].objects}
+    print(f"zero-shot: {named}/{len(answers)} continuations name objects; all in their own scene {own}, "
+          f"all in the next scene {other}; accuracy generated {gen.accuracy:.3f} ranked {ranked.accuracy:.3f}")
+    assert named >= len(answers) // 2                                  # measured 66 / 79
+    assert own >= 0.65 * named and own - other >= 0.4 * named           # measured 59 vs 10 of 66
+    fine_tuned = V.evaluate_vqa(model, "test", n=n)
+    assert [r[0] for r in fine_tuned.records] == [a.question for a in answers]      # the same questions
+    blind = blind_eval(prior, [(a.question, a.gold, a.qtype, a.lang) for a in answers])
+    assert gen.accuracy <= blind.accuracy - 0.2 and ranked.accuracy <= blind.accuracy - 0.2   # 0.00 / 0.03 vs 0.37
+    assert fine_tuned.accuracy >= blind.accuracy + 0.2 >= max(gen.accuracy, ranked.accuracy) + 0.4   # 0.73
 
 
 def test_finetuning_learns_from_pretrained():

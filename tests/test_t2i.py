@@ -185,14 +185,31 @@ def test_heldout_pairs_are_kept_out_of_training_and_form_the_unseen_set():
 
 def test_shipped_code_lm_is_faithful_on_heldout_prompts():
     # the shipped checkpoints (mmkit/checkpoints): floor well under the recipe's measured value (see recipe.json)
-    import mmkit.hub
+    import mmkit
     from mmkit.m6.tasks.t2i import evaluate_t2i
 
     if mmkit.hub.find_checkpoint("m6-tiny-t2i") is None or mmkit.hub.find_checkpoint("vqgan-world") is None:
         pytest.skip("m6-tiny-t2i / vqgan-world are not shipped yet")
-    tok = mmkit.hub.load("tokenizer-world")
-    model, vqgan = mmkit.hub.load("m6-tiny-t2i"), mmkit.hub.load("vqgan-world")
+    tok = mmkit.load("tokenizer-world")             # mmkit.load: the zoo registers the VQGAN (mmkit.hub alone did not)
+    model, vqgan = mmkit.load("m6-tiny-t2i"), mmkit.load("vqgan-world")
     res = evaluate_t2i(model, vqgan, tok, eval_prompts(32, "heldout"), SamplingConfig(n_samples=2, seed=0))
     # chance of all four attributes right is 1/324; measured on 96 prompts: 0.25 (colour 0.62, position 0.87)
     assert res["mean_all_right"] >= 0.08, res
     assert res["first_colour"] >= 0.4 and res["first_position"] >= 0.6 and res["first_size"] >= 0.6, res
+
+
+def test_bad_sampling_settings_fail_when_made_not_inside_the_sampler(tok):
+    """Issue 17: seed=10**30 raised ValueError from torch.Generator.manual_seed inside the lazy sample generator, where
+    the app's error handling no longer reached; now SamplingConfig refuses it (and the other bad settings) up front."""
+    for kw, message in ((dict(seed=10**30), r"seed must be a whole number from 0 to 9223372036854775807"),
+                        (dict(seed=-1), "seed must be"), (dict(seed=1.5), "seed must be"),
+                        (dict(n_samples=0), "n_samples"), (dict(n_samples=10**6), "n_samples"),
+                        (dict(temperature=float("nan")), "temperature"), (dict(temperature=0), "temperature"),
+                        (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=1.5), "top_p")):
+        with pytest.raises(ValueError, match=message):
+            SamplingConfig(**kw)
+    assert SamplingConfig(seed=2**63 - 1).seed == 2**63 - 1 and SamplingConfig(seed=np.int64(3)).seed == 3
+    from mmkit.m6.tasks.t2i import encode_prompts
+    with pytest.raises(ValueError, match=r"the prompt is too long: \d+ tokens, the model reads at most 48"):
+        encode_prompts(tok, ["a small red circle at the top left " * 10])      # was silently cut to 48 tokens
+    assert encode_prompts(tok, ["a small red circle"]).shape == (1, 4)

@@ -136,3 +136,28 @@ def test_shipped_tokenizer_recipe_file_says_how_it_was_made():
     info = json.loads((hub.SHIPPED_DIR / "tokenizer-world" / "recipe.json").read_text())
     assert info["kind"] == "tokenizer" and info["command"] == \
         "mmkit train tokenizer-world --out mmkit/checkpoints/tokenizer-world"
+
+
+def test_invisible_and_control_characters_separate_words(tok):
+    """Issue 17: BERT's normaliser deletes \\x00 and zero-width spaces, which merged "red\\x00circle" into one word."""
+    want = tok("red circle")["input_ids"]
+    for sep in ("\x00", "\u200b", "\u200c", "\ufeff", "\u2028", "\x1b", "\x7f"):
+        assert tok(f"red{sep}circle")["input_ids"] == want, repr(sep)
+        assert tok.tokenize(f"red{sep}circle") == ["red", "circle"], repr(sep)
+    assert tok.tokenize("红色\u200b圆形") == list("红色圆形")
+    assert tok("a\tred\ncircle")["input_ids"] == tok("a red circle")["input_ids"]      # ordinary whitespace unchanged
+
+
+def test_lone_surrogates_do_not_crash(tok):
+    """Issue 17: a lone surrogate (e.g. '\\ud800' from a bad decode) raised TypeError inside the Rust tokenizer."""
+    assert tok("red \ud800 circle")["input_ids"] == tok("red circle")["input_ids"]
+    assert tok(["red\udfffcircle", "a square"])["input_ids"][0] == tok("red circle")["input_ids"]
+    assert tok("a red circle", "blue\ud83d")["input_ids"] == tok("a red circle", "blue")["input_ids"]   # pairs too
+    from mmkit.tokenizer import pad_texts
+    assert pad_texts(tok, ["red\ud800circle"], 8).tolist() == pad_texts(tok, ["red circle"], 8).tolist()
+
+
+def test_a_saved_kit_tokenizer_keeps_the_separators(tok, tmp_path):
+    tok.save_pretrained(tmp_path / "t")
+    for again in (load_tokenizer(tmp_path / "t"), __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "t")):
+        assert again("red\x00circle")["input_ids"] == tok("red circle")["input_ids"]

@@ -27,6 +27,7 @@ Steps (each one answers a way user pictures differ from the Shapes World's rende
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,12 +37,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmkit.data.userdata import to_rgb
 
-__all__ = ["ImageInputError", "Preprocessed", "open_image", "preprocess_image", "MIN_SIDE", "MAX_PIXELS",
-           "STUDIO_WHITE", "image_for_model"]
+__all__ = ["ImageInputError", "Preprocessed", "open_image", "preprocess_image", "MIN_SIDE", "MAX_PIXELS", "MAX_SIDE",
+           "STUDIO_WHITE", "image_for_model", "array_to_uint8"]
 
 MIN_SIDE = 8                       # pixels: smaller pictures cannot show a 3x3 grid of shapes
 MAX_PIXELS = 50_000_000            # refuse larger pictures (a 6000x6000 photo, 36 MP, is fine; PIL's bomb check
                                    # starts at 89 MP)
+MAX_SIDE = 10_000                  # and longer sides: a 1 kB PNG can claim 45000x8 pixels (0.4 MP, under
+                                   # MAX_PIXELS), and padding that strip to a square once meant 45000^2 x 3 bytes
+                                   # (~6 GB). Pictures are also shrunk before they are padded (step 3), so no
+                                   # canvas is ever larger than the working size.
 STUDIO_WHITE = 248                 # the world's backdrop level (its gradient spans about 232-255)
 
 
@@ -63,10 +68,13 @@ def open_image(src: Any) -> Image.Image:
         raise ImageInputError("No image was given. Upload or paste a picture, draw one, or pick an example scene.")
     try:
         if isinstance(src, Image.Image):
+            _check_size(*src.size)
             img = src.copy()
         elif isinstance(src, np.ndarray):
-            arr = src if src.dtype == np.uint8 else np.clip(src, 0, 255).astype(np.uint8)
-            img = Image.fromarray(arr)
+            img = Image.fromarray(array_to_uint8(src))
+        elif isinstance(src, torch.Tensor):
+            raise ImageInputError("Pass image tensors to image_for_model (float (3, S, S) in [0, 1]); "
+                                  "preprocess_image takes files, bytes, PIL images and numpy arrays.")
         else:
             if isinstance(src, (bytes, bytearray)):
                 fp = io.BytesIO(src)
@@ -79,11 +87,11 @@ def open_image(src: Any) -> Image.Image:
                 fp = p
             else:
                 fp = src
-            with Image.open(fp) as im:
-                w, h = im.size
-                if w * h > MAX_PIXELS:
-                    raise ImageInputError(f"The image is {w}x{h} pixels ({w * h / 1e6:.0f} MP); the limit is "
-                                          f"{MAX_PIXELS / 1e6:.0f} MP. Resize it (the model sees 32x32 anyway).")
+            with warnings.catch_warnings():               # PIL's bomb warning: the size is checked right here
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(fp)
+            with im:
+                _check_size(*im.size)                       # from the header, before decoding anything
                 im.seek(0)                                  # animations: the first frame
                 if im.format == "JPEG":
                     im.draft("RGB", (512, 512))             # decode large JPEGs at a reduced scale: much faster
@@ -106,9 +114,53 @@ def open_image(src: Any) -> Image.Image:
     if min(w, h) < MIN_SIDE:
         raise ImageInputError(f"The image is only {w}x{h} pixels; it needs at least {MIN_SIDE}x{MIN_SIDE} to show "
                               "shapes. Use a larger picture.")
-    if w * h > MAX_PIXELS:
-        raise ImageInputError(f"The image is {w}x{h} pixels; the limit is {MAX_PIXELS / 1e6:.0f} MP. Resize it.")
+    _check_size(w, h)
     return img
+
+
+def _check_size(w: int, h: int) -> None:
+    if w * h > MAX_PIXELS:
+        raise ImageInputError(f"The image is {w}x{h} pixels ({w * h / 1e6:.0f} MP); the limit is "
+                              f"{MAX_PIXELS / 1e6:.0f} MP. Resize it (the model sees 32x32 anyway).")
+    if max(w, h) > MAX_SIDE:
+        raise ImageInputError(f"The image is {w}x{h} pixels; sides longer than {MAX_SIDE:,} pixels are refused. "
+                              "Crop or resize it to the part with the shapes (the model sees 32x32 anyway).")
+
+
+def array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """An (H, W) / (H, W, 1|3|4) image array as uint8 0-255, or ImageInputError saying what is wrong with it.
+
+    uint8 passes; other integer arrays must hold 0-255; float arrays must hold [0, 1] (the torch / matplotlib
+    convention) and are scaled by 255. Channels-first (3, H, W) arrays, NaNs and out-of-range values are refused.
+    """
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        raise ImageInputError(f"The image array has shape {arr.shape} (channels first); pass (H, W, 3): "
+                              "arr.transpose(1, 2, 0).")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise ImageInputError(f"The image array has shape {arr.shape}; pass (H, W) grayscale or (H, W, 3) RGB "
+                              "(or RGBA).")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    _check_size(arr.shape[1], arr.shape[0])
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ImageInputError(f"The image array ({arr.dtype}) holds values from {lo} to {hi}; pixel values are "
+                                  "0-255 (uint8). Rescale it first.")
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageInputError("The image array holds NaN or infinite values.")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise ImageInputError(f"The float image array holds values from {lo:g} to {hi:g}; float pixels are "
+                                  "[0, 1]. For 0-255 values pass arr.astype('uint8') (or divide by 255).")
+        return np.round(arr * 255.0).astype(np.uint8)
+    raise ImageInputError(f"The image array has dtype {arr.dtype}; pass uint8 (0-255) or float (0-1) pixels.")
 
 
 def _border_colour(arr: np.ndarray) -> np.ndarray:
@@ -117,7 +169,7 @@ def _border_colour(arr: np.ndarray) -> np.ndarray:
     k = max(1, round(0.04 * min(h, w)))
     ring = np.concatenate([arr[:k].reshape(-1, 3), arr[-k:].reshape(-1, 3), arr[:, :k].reshape(-1, 3),
                            arr[:, -k:].reshape(-1, 3)])
-    return np.median(ring, axis=0)
+    return np.median(ring.astype(np.float32), axis=0)             # only the ring as floats, not the whole picture
 
 
 def _fill_holes(arr: np.ndarray, fg_threshold: float = 60.0) -> tuple[np.ndarray, int]:
@@ -188,21 +240,25 @@ def preprocess_image(src: Any, size: int = 32, *, work: int = 64, normalise_back
             notes.append("grayscale picture: colour questions cannot be answered from it")
         img = to_rgb(img)
     arr = np.asarray(img, dtype=np.uint8)
-    bg = _border_colour(arr.astype(np.float32))                                  # (3,) float
+    bg = _border_colour(arr)                                                     # (3,) float
 
-    # 3. pad to a square with the background colour, then bring to the working size
+    # 3. shrink so the longer side is at most `work` (first: a 10000x8 strip never becomes a 10000^2 canvas), pad to
+    #    a square with the background colour, enlarge small pictures to the working size
     w, h = img.size
+    side = max(w, h)
+    if side > work:
+        if w == h and side % work == 0 and side // work > 1:
+            img = img.reduce(side // work)                        # exact for world images enlarged by a whole factor
+        else:
+            f = work / side
+            img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX, reducing_gap=2.0)
     if w != h:
-        side = max(w, h)
-        canvas = Image.new("RGB", (side, side), tuple(int(round(c)) for c in bg))
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        sw, sh = img.size
+        canvas = Image.new("RGB", (max(sw, sh), max(sw, sh)), tuple(int(round(c)) for c in bg))
+        canvas.paste(img, ((max(sw, sh) - sw) // 2, (max(sw, sh) - sh) // 2))
         img = canvas
         notes.append(f"padded from {w}x{h} to a square")
-    side = img.size[0]
-    if side > work:
-        img = img.reduce(side // work) if side // work > 1 and side % work == 0 else img
-        img = img.resize((work, work), Image.Resampling.BOX, reducing_gap=2.0) if img.size[0] != work else img
-    elif side < work:
+    if img.size[0] < work:
         img = img.resize((work, work), Image.Resampling.NEAREST)
     if max(original) > size * 1.5:
         notes.append(f"downscaled from {original[0]}x{original[1]} to {size}x{size}")
@@ -240,5 +296,11 @@ def image_for_model(image: Any, size: int) -> torch.Tensor:
         if image.dim() != 3 or tuple(image.shape) != (3, size, size) or not image.is_floating_point():
             raise ValueError(f"image tensors must be float (3, {size}, {size}) in [0, 1], got {tuple(image.shape)} "
                              f"{image.dtype}; pass a PIL image or a path to have it preprocessed")
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError("the image tensor holds NaN or infinite values")
+        lo, hi = float(image.min()), float(image.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"image tensors must hold values in [0, 1], this one goes from {lo:g} to {hi:g}"
+                             + ("; divide a 0-255 image by 255" if hi > 1.0 else ""))
         return image
     return preprocess_image(image, size=size).tensor

@@ -41,6 +41,8 @@ unseen pairs, and the recipe reports faithfulness on both.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -61,7 +63,7 @@ __all__ = [
     "CodeOnlyProcessor", "SamplingConfig", "T2IData", "T2IDataConfig", "t2i_loss",
     "encode_prompts", "generate_codes", "iter_samples", "text_to_image", "T2IOutput", "Ranked", "rerank",
     "itm_scorer", "Scorer", "eval_prompts", "EvalPrompts", "evaluate_t2i", "code_loss", "HELDOUT_PAIRS",
-    "RECIPE_TRAIN", "RECIPE_TRAIN_FAST", "finetune_t2i", "T2IRun",
+    "RECIPE_TRAIN", "RECIPE_TRAIN_FAST", "finetune_t2i", "T2IRun", "MAX_SEED", "MAX_SAMPLES",
 ]
 
 # M6 §4.1 Figure 6 in miniature: colour + shape pairs the code LM never sees in training (each colour and each
@@ -204,6 +206,10 @@ def code_loss(model: M6T2I, data: T2IData, n: int | None = None, batch_size: int
 # Sampling (M6 §4.1: "generates codes autoregressively with top-k sampling")
 # ---------------------------------------------------------------------------------------------------------
 
+MAX_SEED = 2**63 - 1               # largest seed torch.Generator.manual_seed takes as a non-negative int64
+MAX_SAMPLES = 256                  # images per prompt in one call (each is 64 sequential code steps)
+
+
 @dataclass
 class SamplingConfig:
     n_samples: int = 4             # images drawn per prompt (then reranked)
@@ -216,18 +222,36 @@ class SamplingConfig:
     use_cache: bool = True         # KV cache (M6Model.generate): same samples, far fewer FLOPs per code
 
     def __post_init__(self) -> None:
-        if self.n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        def whole(v) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not whole(self.n_samples) or not 1 <= self.n_samples <= MAX_SAMPLES:
+            raise ValueError(f"n_samples must be a whole number from 1 to {MAX_SAMPLES}, got {self.n_samples!r}")
+        if not number(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if self.top_k is not None and (not whole(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be a whole number >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and (not number(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        # torch.Generator.manual_seed takes 64-bit seeds; checked here so a bad seed fails when the settings are
+        # made, not later inside a lazy sample generator (where an app's error handling no longer reaches)
+        if not whole(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1), got {self.seed!r}")
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int = 48, pad_id: int = 0) -> torch.Tensor:
-    """Prompts -> (B, We) word ids, padded with ``pad_id`` (M6 masks encoder padding)."""
+    """Prompts -> (B, We) word ids, padded with ``pad_id`` (M6 masks encoder padding). A prompt longer than
+    ``max_tokens`` is an error (never silently cut: the image would not show what the cut-off words ask for)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a list of strings, e.g. ['a small red circle at the top left']")
+    for p in prompts:
+        n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+        if n > max_tokens:
+            raise ValueError(f"the prompt is too long: {n} tokens, the model reads at most {max_tokens} (a world "
+                             f"caption needs ~12). Describe one object (it began: {p[:60]!r}).")
     out = pad_texts(tokenizer, prompts, max_tokens, pad_id)
     out[(out == pad_id).all(1), 0] = tokenizer.unk_token_id      # an empty prompt reads as [UNK], never as nothing
     return out

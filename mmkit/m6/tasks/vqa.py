@@ -37,7 +37,9 @@ pixel-gradient alternative (sharper, noisier).
 """
 from __future__ import annotations
 
+import numbers
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -54,13 +56,13 @@ from mmkit.m6.masking import IGNORE_INDEX, collate, task_example
 from mmkit.m6.model import IMAGE_SIDE
 from mmkit.nn import PatchFeatures
 from mmkit.objectives.lm import sequence_logprob
-from mmkit.tokenizer import SpecialIds, decode_rows, pad_ids, pad_texts, world_tokenizer
+from mmkit.tokenizer import SpecialIds, decode_rows, pad_ids, world_tokenizer
 from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
 
 __all__ = [
     "PROMPTS", "vqa_prompt", "VQAConfig", "vqa_bank", "vqa_loss", "answer", "answer_batch", "score_candidates",
     "answer_heatmap", "evaluate_vqa", "evaluate_vqa_images", "zero_shot_answers", "ZeroShotAnswer",
-    "VQA_TRAIN", "VQA_TRAIN_FAST", "VQARun", "finetune_vqa",
+    "VQA_TRAIN", "VQA_TRAIN_FAST", "VQARun", "finetune_vqa", "check_question", "MAX_PROMPT_TOKENS",
 ]
 
 # M6 §4.2: "question ... Answer:" - the pattern that turns a question into text to continue.
@@ -73,9 +75,38 @@ def vqa_prompt(question: str) -> str:
     return PROMPTS[question_language(q)].format(q=q)
 
 
-def _encode_prompts(tok, questions: Sequence[str], pad_id: int, max_len: int = 48) -> torch.Tensor:
-    """(B, We) long: the prompt ids of each question, right-padded with ``pad_id`` (padding = masked out)."""
-    return pad_texts(tok, [vqa_prompt(q) for q in questions], max_len, pad_id)
+MAX_PROMPT_TOKENS = 48             # the encoder text the model reads (VQAConfig.max_prompt_tokens); the world's
+                                   # longest question with its "answer:" marker is ~25 tokens
+
+
+def check_question(question) -> str:
+    """``question`` with control / invisible characters turned into spaces, or a ValueError when it is not a string,
+    is empty, or holds no word (letters or digits) at all: a question of control characters or symbols is refused,
+    not answered."""
+    if not isinstance(question, str):
+        raise ValueError(f"the question must be a string, got {type(question).__name__}; ask e.g. "
+                         "'what colour is the circle?'")
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") else c for c in question)
+    if not question.strip():
+        raise ValueError("the question is empty; ask e.g. 'what colour is the circle?' or '圆形是什么颜色的？'")
+    if not any(unicodedata.category(c)[0] in "LN" for c in text):
+        raise ValueError("the question has no words (only control characters, symbols or punctuation); ask e.g. "
+                         "'what colour is the circle?'")
+    return text
+
+
+def _encode_prompts(tok, questions: Sequence[str], pad_id: int, max_len: int = MAX_PROMPT_TOKENS) -> torch.Tensor:
+    """(B, We) long: the prompt ids of each question, right-padded with ``pad_id`` (padding = masked out).
+
+    A prompt longer than ``max_len`` tokens is an error, never silently cut (the model would answer a question
+    nobody asked)."""
+    ids = tok([vqa_prompt(q) for q in questions], add_special_tokens=False)["input_ids"] if questions else []
+    for q, x in zip(questions, ids):
+        if len(x) > max_len:
+            raise ValueError(f"the question is too long: {len(x)} tokens with its 'answer:' marker, and the model reads "
+                             f"at most {max_len} (the world's questions need ~25). Ask one short question "
+                             f"(it began: {q[:60]!r}).")
+    return pad_ids(ids, pad_id, min_width=1)
 
 
 def _answer_ids(tok, answers: Sequence[str]) -> list[list[int]]:
@@ -207,8 +238,11 @@ def answer(model, image, question: str, tokenizer=None, top_k: int = 5, num_beam
     ``image``: float (3, S, S) in [0, 1] or anything :func:`mmkit.data.preprocess.preprocess_image` opens (path,
     PIL image, bytes). ``question`` in English or Chinese (normalised by :func:`normalise_question`).
     """
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty; ask e.g. 'what colour is the circle?' or '圆形是什么颜色的？'")
+    question = check_question(question)
+    for name, v, lo, hi in (("top_k", top_k, 1, 1000), ("num_beams", num_beams, 1, 32),
+                            ("max_new_tokens", max_new_tokens, 1, 64)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+            raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
     tok = tokenizer if tokenizer is not None else world_tokenizer()
     x = image_for_model(image, model.config.image_size)[None]                            # (1, 3, S, S)
     q = normalise_question(question)
@@ -238,6 +272,9 @@ def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None
     """
     if method not in ("gradcam", "saliency"):
         raise ValueError(f"method must be 'gradcam' or 'saliency', got {method!r}")
+    question = check_question(question)
+    if answer_text is not None and not isinstance(answer_text, str):
+        raise ValueError(f"answer_text must be a string, got {type(answer_text).__name__}")
     tok = tokenizer if tokenizer is not None else world_tokenizer()
     x = image_for_model(image, model.config.image_size)[None].clone()                    # (1, 3, S, S)
     S = x.shape[-1]
