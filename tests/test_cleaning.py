@@ -4,8 +4,9 @@ Quality floors (``test_pipeline_quality_on_a_crawl``) were measured on ``crawl(4
 noise=0.5)`` and are asserted with a margin below the measured values:
 
     rule                    precision  recall   (measured)   floor asserted
-    unreadable, html, duplicate_punctuation, non_zh_en_chars, short_title, short_body, spam,
+    unreadable, html, duplicate_punctuation, non_zh_en_chars, short_title, short_body,
     min_pixels, image_quality   1.000     1.000                 0.95 / 0.95
+    spam (given half the terms) 1.000     1.000 on its terms, 0.000 on the others (a word list)
     perplexity                  0.966     1.000  (1 fp: a spam body)   0.90 / 0.95
     image_text_relevance        1.000     0.971  (35 mismatches)       0.90 / 0.85
     overall (item dropped)      1.000     1.000                 0.97 / 0.97
@@ -27,7 +28,7 @@ from PIL import Image, ImageFilter
 from mmkit.data import cleaning as K
 from mmkit.data import text as T
 from mmkit.data.crawl import (
-    GIBBERISH, HTML, MISMATCH, SPAM, crawl, crawl_item, decode_text,
+    GIBBERISH, HTML, MISMATCH, SPAM, SPAM_TERMS, crawl, crawl_item, decode_text,
 )
 from mmkit.data.world import make_scene, render, sample_scene, split_seeds
 
@@ -282,9 +283,11 @@ def crawl_run(rules):
     return items, run, kept
 
 
-FLOORS = {  # rule -> (precision, recall): measured values in the module docstring
+FLOORS = {  # rule -> (precision, recall): measured values in the module docstring. "spam" is not here: the crawl
+    # injects the very terms the rule lists, so its 1.00 / 1.00 on the crawl is circular; it is scored on spam terms it
+    # was not given in test_spam_rule_scored_on_terms_it_was_not_given.
     **{name: (0.95, 0.95) for name in ("unreadable", "html", "duplicate_punctuation", "non_zh_en_chars", "short_title",
-                                       "short_body", "spam", "min_pixels", "image_quality")},
+                                       "short_body", "min_pixels", "image_quality")},
     "perplexity": (0.90, 0.95),
     "image_text_relevance": (0.90, 0.85),
 }
@@ -310,6 +313,49 @@ def test_pipeline_quality_on_a_crawl(crawl_run):
     # transforms repair and keep: some pages with HTML survive, cleaned
     assert any(HTML in c.source.defects for c in kept)
     print("\n" + scores.table())
+
+
+def _spam_terms(item) -> set:
+    """Every listed spam term in a crawl page's title and body (the crawl's own list, EN on word boundaries)."""
+    found = set()
+    for text in (decode_text(item.title), decode_text(item.body)):
+        if text is None:
+            continue
+        found |= {t for t in SPAM_TERMS["en"] if K.Spam(terms_en=[t], terms_zh=[]).find(text)}
+        found |= {t for t in SPAM_TERMS["zh"] if t in text}
+    return found
+
+
+def test_spam_rule_scored_on_terms_it_was_not_given(crawl_run):
+    """The crawl injects spam terms from crawl.SPAM_TERMS and Spam() lists the same terms, so its 1.00 / 1.00 on the
+    crawl measured nothing. Here the rule gets half of the terms (every other one, both languages) and is scored on
+    the pages whose spam uses only the other half.
+
+    Measured on crawl(400, "test", noise=0.5): precision 1.00 (0 of 377 clean-of-spam pages flagged), recall 1.00 on
+    spam with the terms it was given (11 pages), recall 0.00 on spam with terms it was not given (12 pages): a word
+    list finds only the words it lists. M6's "in-house spam detection" is a detector we do not have; spam with
+    unlisted words passes this rule (the other rules happen to drop 7 of those 12 pages, for other reasons)."""
+    items = crawl_run[0]
+    given = {lang: SPAM_TERMS[lang][0::2] for lang in ("en", "zh")}
+    held = {lang: SPAM_TERMS[lang][1::2] for lang in ("en", "zh")}
+    cleaner = K.Cleaner([K.Spam(terms_en=given["en"], terms_zh=given["zh"])])
+    flagged = {it.id: not cleaner.process(it)[0].kept for it in items}
+    spam = [it for it in items if SPAM in it.defects]
+    terms = {it.id: _spam_terms(it) for it in spam}
+    assert all(terms.values()), "every spam page carries a listed term"
+    seen = [it for it in spam if terms[it.id] <= set(given["en"] + given["zh"])]
+    unseen = [it for it in spam if terms[it.id] <= set(held["en"] + held["zh"])]
+    assert len(seen) >= 8 and len(unseen) >= 8, (len(seen), len(unseen))
+    recall_seen = sum(flagged[it.id] for it in seen) / len(seen)
+    recall_unseen = sum(flagged[it.id] for it in unseen) / len(unseen)
+    false_alarms = sum(flagged[it.id] for it in items if SPAM not in it.defects)
+    print(f"spam rule with half the terms: recall {recall_seen:.2f} on its terms ({len(seen)} pages), "
+          f"{recall_unseen:.2f} on the others ({len(unseen)}); {false_alarms} false alarms")
+    assert false_alarms == 0 and recall_seen == 1.0
+    assert recall_unseen == 0.0        # the limit of a word list, stated (raise it if the rule ever learns)
+    # ... and the unseen terms are real spam: the full list catches every one of those pages
+    full = K.Cleaner([K.Spam()])
+    assert all(not full.process(it)[0].kept for it in unseen)
 
 
 def test_report_counts_and_examples(crawl_run):

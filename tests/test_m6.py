@@ -137,10 +137,21 @@ def test_output_layer_is_tied_to_the_word_embedding():
     assert untied.lm_head.weight is not untied.wte.weight
     V, D = m.config.vocab_size, m.config.d_model
     assert count_parameters(untied)["total"] - count_parameters(m)["total"] == V * D  # tied counts once
-    # a gradient step on the output layer moves the input embedding too
-    with torch.no_grad():
-        m.lm_head.weight[7, 0] += 1.0
-    assert m.wte.weight[7, 0] == m.lm_head.weight[7, 0]
+    # tied: a gradient that reaches only the output layer lands on the input embedding (nothing else feeds it), and
+    # an SGD step there moves the embedding of token 7; untied, the embedding gets no gradient and stays put
+    h = torch.randn(3, m.config.d_model)
+    for model, tied in ((m, True), (untied, False)):
+        model.zero_grad(set_to_none=True)
+        before = model.wte.weight[7].detach().clone()
+        model.lm_head(h)[:, 7].sum().backward()                     # d/dW[7] = sum of h rows
+        if tied:
+            torch.testing.assert_close(model.wte.weight.grad[7], h.sum(0))
+            assert model.wte.weight.grad[torch.arange(V) != 7].abs().sum() == 0
+        else:
+            assert model.wte.weight.grad is None
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        moved = not torch.equal(model.wte.weight[7].detach(), before)
+        assert moved == tied, (tied, moved)
 
 
 def test_save_and_load_keeps_weights_and_tie(tmp_path, tok, sp):

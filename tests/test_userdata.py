@@ -22,7 +22,7 @@ from mmkit.data.userdata import (
     save_world_as_folder,
     to_rgb,
 )
-from mmkit.data.world import sample_scene, scene_to_tensor, split_seeds
+from mmkit.data.world import render, sample_scene, scene_to_tensor, split_seeds
 from mmkit.tokenizer import train_tokenizer
 
 
@@ -74,7 +74,15 @@ def test_round_trip_with_save_world_as_folder(tmp_path, tok):
     assert b["text"] == [ds.rows[i].caption for i in range(5)]
     # resized to the model's size, cached or not
     small = load_image_text_folder(tmp_path / "world", image_size=16, cache_images=True)
-    assert small[0]["image"].shape == (3, 16, 16) and torch.equal(small[0]["image"], small[0]["image"])
+    plain = load_image_text_folder(tmp_path / "world", image_size=16)
+    first = small[0]["image"]                                            # loaded, then kept in the cache
+    first.mul_(0.0)                                                      # a caller scribbling on its copy ...
+    again = small[0]["image"]                                            # ... does not reach the cache
+    ref = render(sample_scene(small.rows[0].extra["seed"]), 32).resize((16, 16), Image.Resampling.LANCZOS)
+    ref = torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1).float() / 255   # the 32 px PNG shrunk by PIL
+    assert again.shape == (3, 16, 16) and torch.equal(again, plain[0]["image"]) and torch.equal(again, ref)
+    other = next(i for i, r in enumerate(small.rows) if r.extra["seed"] != small.rows[0].extra["seed"])
+    assert not torch.equal(small[other]["image"], again)                  # another scene, another picture
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_world_as_folder(tmp_path / "world", 2)
     save_world_as_folder(tmp_path / "world", 2, overwrite=True)
