@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Set up mmkit on a fresh machine and open JupyterLab on the notebooks.
 #
-#   bash setup.sh            # make .venv, install the pinned CPU stack, open JupyterLab on notebooks/
-#   bash setup.sh --no-lab   # install only (what CI does)
+#   bash setup.sh              # make .venv, install the pinned CPU stack, open JupyterLab on notebooks/
+#   bash setup.sh --no-lab     # install only (what CI does)
+#   bash setup.sh --port 8890  # JupyterLab on another port (default 8888; it listens on 127.0.0.1 only)
+#   bash setup.sh --no-browser # start JupyterLab without opening a browser (servers, containers; open the URL)
+#
+# Run as root (a container, some cloud machines) JupyterLab refuses to start ("Running as root is not
+# recommended"); setup.sh then passes --allow-root (and --no-browser: root has no desktop browser to open).
 #
 # Everything is installed from requirements.lock with --no-deps: the lock pins torch 2.13.0 (the CPU build)
 # and leaves torchvision out, because taming-transformers-rom1504 declares torchvision, which would drag in a
@@ -12,13 +17,25 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 open_lab=1
-for arg in "$@"; do
-  case "$arg" in
+lab_port=${MMKIT_LAB_PORT:-8888}
+lab_browser=1
+while [ $# -gt 0 ]; do
+  case "$1" in
     --no-lab) open_lab=0 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (use --no-lab or --help)" >&2; exit 2 ;;
+    --no-browser) lab_browser=0 ;;
+    --port) shift; lab_port=${1:-} ;;
+    --port=*) lab_port=${1#--port=} ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$1' (use --no-lab, --port N, --no-browser or --help)" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$lab_port" in
+  ''|*[!0-9]*) echo "setup.sh: --port needs a number from 1 to 65535, got '$lab_port'" >&2; exit 2 ;;
+esac
+if [ "$lab_port" -lt 1 ] || [ "$lab_port" -gt 65535 ]; then
+  echo "setup.sh: --port needs a number from 1 to 65535, got '$lab_port'" >&2; exit 2
+fi
 [ -n "${CI:-}" ] && open_lab=0
 
 VENV=${MMKIT_VENV:-.venv}
@@ -85,6 +102,14 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
 fi
 
 if [ "$open_lab" = 1 ]; then
-  echo "==> opening JupyterLab on notebooks/ (Ctrl-C to stop)"
-  exec "$VENV/bin/jupyter" lab --ip 127.0.0.1 notebooks/
+  lab_args=(--ip 127.0.0.1 --port "$lab_port" --port-retries 0)
+  if [ "$(id -u)" = 0 ]; then
+    # JupyterLab exits as root unless told otherwise; root in a container is the usual case, not a mistake
+    echo "==> running as root: starting JupyterLab with --allow-root --no-browser (open the URL it prints)"
+    lab_args+=(--allow-root)
+    lab_browser=0
+  fi
+  [ "$lab_browser" = 0 ] && lab_args+=(--no-browser)
+  echo "==> opening JupyterLab on notebooks/ at http://127.0.0.1:$lab_port/lab (Ctrl-C to stop)"
+  exec "$VENV/bin/jupyter" lab "${lab_args[@]}" notebooks/
 fi
