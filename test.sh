@@ -10,7 +10,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 export MMKIT_FAST=1                      # notebooks and recipes take their short paths (still assert learning)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export MPLBACKEND=Agg
+# inline backend: under nbmake every plt.show() becomes an image/png output (Agg drops them silently), so
+# tests/test_notebooks.py can check that each plotting cell drew; outside a kernel it renders like Agg
+export MPLBACKEND=module://matplotlib_inline.backend_inline
 export MMKIT_CACHE=${MMKIT_CACHE:-$PWD/.cache/mmkit}
 if [ $# -gt 0 ]; then
   exec "$VENV/bin/python" -m pytest "$@"
