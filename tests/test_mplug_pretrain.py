@@ -60,7 +60,10 @@ def test_batch_layout(data, tok):
         assert prefix + rest[:-1] == cap and rest[-1] == tok.eos_token_id
         assert b["decoder_input_ids"][i, 0] == tok.bos_token_id
         assert b["decoder_input_ids"][i, 1:len(rest)].tolist() == rest[:-1]
-    assert torch.equal(b["ids"], torch.arange(6)) and isinstance(b["seed"], int)
+    assert b["ids"].tolist() == [data.caption_ids[i] for i in range(6)] and isinstance(b["seed"], int)
+    for i, j in ((i, j) for i in range(len(data)) for j in range(i)):     # equal captions <=> equal ids
+        assert (data.caption_ids[i] == data.caption_ids[j]) == (data.captions[i] == data.captions[j])
+    assert data.caption_ids[0] == 0 and all(data.caption_ids[i] <= i for i in range(len(data)))
     all_caption = build_batch(PretrainData(replace_config(data.config, caption_rate=1.0), data.bank, data.texts,
                                            data.langs, data.captions, tok), range(6), torch.Generator())
     assert all_caption["prefix_ids"].shape[1] == 2                                   # every prefix empty: [CLS] [SEP]
@@ -76,11 +79,12 @@ def test_queue_fills_and_wraps_by_hand(data):
     assert len(q) == 4 and int(q.ptr) == 4 and s1.metrics["queue_size"] == 0      # scored before it was filled
     torch.testing.assert_close(q.image[:4], F.normalize(s1.image_feat_m, dim=-1), atol=1e-6, rtol=0)
     torch.testing.assert_close(q.text[:4], F.normalize(s1.text_feat_m, dim=-1), atol=1e-6, rtol=0)
-    assert q.ids[:4].tolist() == [0, 1, 2, 3]
+    assert q.ids[:4].tolist() == b1["ids"].tolist()                                  # the pairs' caption ids
     s2 = pretrain_step(m, b2, weights, return_parts=True)
     assert s2.metrics["queue_size"] == 4 and len(q) == 6 and int(q.ptr) == (4 + 4) % 6
     # slots 4, 5, 0, 1 hold batch 2 in order; slots 2, 3 still hold batch 1's rows 2, 3
-    assert q.ids.tolist() == [12, 13, 2, 3, 10, 11]
+    i1, i2 = b1["ids"].tolist(), b2["ids"].tolist()
+    assert q.ids.tolist() == [i2[2], i2[3], i1[2], i1[3], i2[0], i2[1]]
     img2 = F.normalize(s2.image_feat_m, dim=-1)
     torch.testing.assert_close(q.image[[4, 5, 0, 1]], img2, atol=1e-6, rtol=0)
     torch.testing.assert_close(q.image[[2, 3]], F.normalize(s1.image_feat_m, dim=-1)[2:], atol=1e-6, rtol=0)
@@ -230,3 +234,42 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
                 torch.testing.assert_close(g["momentum"][k], v, atol=1e-6, rtol=0)
     assert one[1]["metrics"]["queue_size"] == W.GLOBAL_B                # step 2 scored against step 1's keys
     assert int(one[1]["queue"]["count"]) == W.CONFIG["queue_size"]       # ... and wrapped: 16 rows into 12 slots
+
+
+FSDP_WORKER = Path(__file__).with_name("_mplug_fsdp_worker.py")
+
+
+@pytest.mark.slow
+def test_fsdp_zero3_on_two_gloo_processes_equals_one_process(tmp_path):
+    """mPLUG §4's ZeRO: FullyShardedDataParallel (FULL_SHARD: parameters, gradients and optimizer state split in two) on
+    2 gloo processes, the joint ITC + ITM + MLM + PrefixLM loss, = 1 process on the global batch, step for step:
+    the same losses, the same full gradients, the same weights after each rank updated only its shard, the same queue
+    and momentum encoders (kept whole on every rank)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(W.WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(FSDP_WORKER), "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(W.WORLD)]
+    ref_model = W.make_model()
+    one = W.run(ref_model, 0, 1)
+    total = sum(p.numel() for p in ref_model.parameters() if p.requires_grad)
+    # each rank holds about half of the trainable parameters (ZeRO-3); the temperature (1 value) is kept whole
+    assert all(abs(r[0]["local_numel"] - total / 2) <= 64 for r in ranks), [r[0]["local_numel"] for r in ranks]
+    for s, ref in enumerate(one):
+        got = [r[s] for r in ranks]
+        torch.testing.assert_close(sum(g["loss"] for g in got) / W.WORLD, ref["loss"], atol=1e-5, rtol=0)
+        for part in ("itc", "itm", "mlm", "prefix_lm"):
+            assert sum(g["metrics"][part] for g in got) / W.WORLD == pytest.approx(ref["metrics"][part], abs=1e-5)
+        for g in got:
+            assert set(g["grads"]) == set(ref["grads"])
+            for k, v in ref["grads"].items():
+                torch.testing.assert_close(g["grads"][k], v, atol=2e-6, rtol=1e-4, msg=lambda m: f"step {s} {k}: {m}")
+            for k, v in ref["queue"].items():
+                torch.testing.assert_close(g["queue"][k], v, atol=1e-6, rtol=0)
+            for k, v in ref["momentum"].items():
+                torch.testing.assert_close(g["momentum"][k], v, atol=1e-6, rtol=0)
+    after = ref_model.state_dict()                        # the single process after both SGD steps
+    for g in ranks:
+        for k, v in g[-1]["weights"].items():
+            torch.testing.assert_close(v, after[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")

@@ -91,7 +91,7 @@ def vision_fields(hf_config) -> dict[str, Any]:
                 vision_width=hf_config.hidden_size, vision_layers=hf_config.num_hidden_layers,
                 vision_heads=hf_config.num_attention_heads, vision_d_ff=hf_config.intermediate_size,
                 vision_activation=hf_config.hidden_act, vision_layer_norm_eps=hf_config.layer_norm_eps,
-                vision_pre_norm=clip, vision_patch_bias=not clip)
+                vision_pre_norm=clip, vision_patch_bias=not clip, vision_stem="patch")
 
 
 def text_fields(hf_config) -> dict[str, Any]:

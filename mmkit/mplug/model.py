@@ -59,6 +59,7 @@ the end of this file and scaled/configs/mplug_base.yaml.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -69,8 +70,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from mmkit.generation import HFGenerationAdapter, MMKitGenerationConfig, register_cached_forward
-from mmkit.nn import (ACTIVATIONS, FeedForward, ImageEmbeddings, KVCache, TextEmbeddings, TransformerBlock,
-                      init_weights, padding_mask)
+from mmkit.nn import (ACTIVATIONS, ConvFeatureExtractor, FeedForward, ImageEmbeddings, KVCache, TextEmbeddings,
+                      TransformerBlock, init_weights, padding_mask)
 from mmkit.objectives.itc import (FeatureQueue, QueueConfig, Temperature, TemperatureConfig, momentum_copy,
                                   momentum_update)
 from mmkit.objectives.lm import token_cross_entropy
@@ -78,9 +79,9 @@ from mmkit.registry import register_model, register_preset
 
 __all__ = [
     "MPLUGConfig", "MPLUG", "MPLUGOutput", "Context", "FusionOutput", "Generation", "FUSIONS", "fusion_plan",
-    "QuickGELU", "feed_forward", "VisionEncoder", "TextEncoder", "FusionNetwork", "CoAttentionLayer", "TextDecoder",
+    "QuickGELU", "feed_forward", "ConvPatches", "VisionEncoder", "TextEncoder", "FusionNetwork", "CoAttentionLayer", "TextDecoder",
     "LMHead", "ClassifierHead", "ContextCache", "MOMENTUM_PARTS", "MPLUGClassifierConfig", "MPLUGForClassification",
-    "FULL_SIZE", "OFFICIAL_PARAMS", "sample_next",
+    "FULL_SIZE", "OFFICIAL_PARAMS", "sample_next", "TINY",
 ]
 
 FUSIONS: tuple[str, ...] = ("skip", "connected", "co_attention", "asymmetric")   # Figure 1 (a)-(c), Figure 4
@@ -111,7 +112,8 @@ class MPLUGConfig:
     # -- the text side: text encoder, fusion network and decoder share one width (BERT-base: 768) ----------
     d_model: int = 128             # hidden width D of the text encoder, the fusion network and the decoder
     n_heads: int = 4               # attention heads of those layers (BERT-base: 12)
-    d_ff: int = 512                # FFN hidden width (4 D, BERT)
+    d_ff: int = 256                # FFN hidden width (2 D for the tiny world model, which is limited by steps, not
+                                   # capacity; BERT: 4 D = 3072)
     activation: str = "gelu"       # FFN non-linearity of the text side (BERT's exact GELU)
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon of the text side (BERT)
     dropout: float = 0.0           # residual / embedding dropout (BERT: 0.1 at full size; 0 for the tiny model,
@@ -122,25 +124,33 @@ class MPLUGConfig:
     fusion: str = "skip"           # "skip" (mPLUG, Fig. 1c), "connected" (Fig. 1a), "co_attention" (Fig. 1b),
                                    # "asymmetric" (ALBEF / BLIP): the Figure 4 comparison, same layer count
     fusion_layers: int = 4         # total fusion layers (mPLUG §5.1: 6, the last 6 of BERT-base)
-    stride: int = 1                # S: asymmetric co-attention layers before each connected-attention layer ("skip")
+    stride: int = 3                # S: asymmetric co-attention layers before each connected-attention layer ("skip";
+                                   # 3 as mPLUG-base; the tiny model: co co co CONN, one block)
     skip_layout: str = "paper"     # "paper": fusion_layers / (S + 1) = N blocks of S co-attention layers + 1
                                    # connected layer (§3.2). "official": layer k (0-based) is connected iff k > 0
-                                   # and k % S == 0 (X-PLUG/mPLUG FusionEncoder; see the module notes)
+                                   # and k % S == 0 (X-PLUG/mPLUG FusionEncoder; see the module notes). "blocks":
+                                   # fusion_layers co-attention layers, one connected layer after every S of them
+                                   # (fusion_layers + fusion_layers / S layers; §5.3.1's S = 1, 2, 3, 6 "divisible by
+                                   # the total number of cross-modal fusion layers", 6)
     image_skip_residual: bool = False  # False: v^n = the connected layer's image output (eq. (5)); True: v^n =
                                    # v^{n-1} + that output (the official code's extra summed skip)
     decoder_layers: int = 2        # text decoder layers (mPLUG §5.1: 12); 0 = no decoder (classification models)
     # -- vision: a ViT on patches with [CLS] (mPLUG §3.1; CLIP ViT-B/16 or ViT-L/14 at full size) ----------
-    image_size: int = 32           # input images are image_size x image_size (world images: 32 or 64 px)
-    patch_size: int = 4            # P: (32 / 4)^2 = 64 patches + [CLS] (CLIP: 16 or 14)
+    image_size: int = 64           # input images are image_size x image_size (world images: 64 px)
+    patch_size: int = 8            # P: (64 / 8)^2 = 64 patches + [CLS] (CLIP: 16 or 14)
     in_channels: int = 3           # RGB
     vision_width: int = 128        # ViT width (CLIP ViT-B: 768, ViT-L: 1024); != d_model adds a Linear bridge
-    vision_layers: int = 3         # ViT layers (CLIP: 12 / 24)
+    vision_layers: int = 2         # ViT layers (CLIP: 12 / 24)
     vision_heads: int = 4          # ViT heads (CLIP: 12 / 16)
-    vision_d_ff: int = 512         # ViT FFN width (CLIP: 3072 / 4096)
+    vision_d_ff: int = 256         # ViT FFN width (CLIP: 3072 / 4096)
     vision_activation: str = "gelu"    # CLIP: "quick_gelu" (x * sigmoid(1.702 x)); ViT: "gelu"
     vision_layer_norm_eps: float = 1e-5  # CLIP / PyTorch LayerNorm epsilon (HF ViT: 1e-12)
     vision_pre_norm: bool = True   # a LayerNorm on the embedded patches before the first layer (CLIP's ln_pre)
     vision_patch_bias: bool = False    # bias in the patch projection (CLIP: none; ViT: yes)
+    vision_stem: str = "patch"     # "patch": ViT's linear P x P patch projection (CLIP); "conv": ViT-Hybrid (Dosovitskiy
+                                   # et al. §3.1): a small strided CNN (mmkit.nn.ConvFeatureExtractor) makes the grid of
+                                   # patch features, one per P x P patch, so the sequence is the same length
+    vision_stem_channels: tuple = (32, 64, 128)  # "conv": channels of its stride-2 stages (log2(P) stages)
     image_mean: tuple = (0.5, 0.5, 0.5)  # images arrive in [0, 1]; the ViT reads (x - mean) / std. CLIP:
     image_std: tuple = (0.5, 0.5, 0.5)   # mean (0.4815, 0.4578, 0.4082), std (0.2686, 0.2613, 0.2758)
     # -- heads: ITC with momentum encoders and queues (mPLUG §3.3, ALBEF) ---------------------------------
@@ -161,6 +171,13 @@ class MPLUGConfig:
 
     def __post_init__(self) -> None:
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        self.vision_stem_channels = tuple(self.vision_stem_channels)
+        if self.vision_stem not in ("patch", "conv"):
+            raise ValueError(f"vision_stem must be 'patch' or 'conv', got {self.vision_stem!r}")
+        if self.vision_stem == "conv" and 2 ** len(self.vision_stem_channels) != self.patch_size:
+            raise ValueError(f"vision_stem='conv' halves the image once per stage: {len(self.vision_stem_channels)} "
+                             f"stages make {2 ** len(self.vision_stem_channels)} x {2 ** len(self.vision_stem_channels)}"
+                             f" patches, but patch_size={self.patch_size}; give log2(patch_size) vision_stem_channels")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.vision_width % self.vision_heads:
@@ -170,8 +187,8 @@ class MPLUGConfig:
                              "choose a patch size that divides the image side (32 px: 4, 64 px: 8)")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; choose one of {FUSIONS}")
-        if self.skip_layout not in ("paper", "official"):
-            raise ValueError(f"skip_layout must be 'paper' or 'official', got {self.skip_layout!r}")
+        if self.skip_layout not in ("paper", "official", "blocks"):
+            raise ValueError(f"skip_layout must be 'paper', 'official' or 'blocks', got {self.skip_layout!r}")
         if self.stride < 1 or self.fusion_layers < 1 or self.text_layers < 1 or self.vision_layers < 1:
             raise ValueError("stride, fusion_layers, text_layers and vision_layers must be >= 1")
         if self.decoder_layers < 0:
@@ -180,6 +197,9 @@ class MPLUGConfig:
             raise ValueError(f"skip_layout='paper' stacks N blocks of stride={self.stride} co-attention layers + 1 "
                              f"connected layer, so fusion_layers must be a multiple of {self.stride + 1}; got "
                              f"{self.fusion_layers}. Use fusion_layers={self.stride + 1} * N, or skip_layout='official'")
+        if self.fusion == "skip" and self.skip_layout == "blocks" and self.fusion_layers % self.stride:
+            raise ValueError(f"skip_layout='blocks' puts a connected layer after every stride={self.stride} co-attention "
+                             f"layers, so fusion_layers must be a multiple of {self.stride}; got {self.fusion_layers}")
         for name, act, allowed in (("activation", self.activation, VISION_ACTIVATIONS),
                                    ("vision_activation", self.vision_activation, VISION_ACTIVATIONS)):
             if act not in allowed:
@@ -210,7 +230,8 @@ def fusion_plan(config: MPLUGConfig) -> tuple[str, ...]:
 
     ``fusion_plan(MPLUGConfig(fusion_layers=4, stride=1))`` = ("asym", "connected", "asym", "connected");
     the official base layout ``(fusion_layers=6, stride=3, skip_layout="official")`` = asym asym asym connected asym
-    asym; the official large one ``(6, 6, "official")`` has no connected layer at all.
+    asym; the official large one ``(6, 6, "official")`` has no connected layer at all; ``(6, 2, "blocks")`` = asym
+    asym connected, three times (9 layers).
     """
     c = config
     L, S = c.fusion_layers, c.stride
@@ -222,6 +243,8 @@ def fusion_plan(config: MPLUGConfig) -> tuple[str, ...]:
         return ("asym",) * L
     if c.skip_layout == "paper":
         return (("asym",) * S + ("connected",)) * (L // (S + 1))                  # N blocks of S + 1 layers
+    if c.skip_layout == "blocks":
+        return (("asym",) * S + ("connected",)) * (L // S)                        # L co-attention + L / S connected
     return tuple("connected" if k > 0 and k % S == 0 else "asym" for k in range(L))   # FusionEncoder's rule
 
 
@@ -311,6 +334,29 @@ class _Stack(nn.Module):
         return x.float() if self.bf16 else x
 
 
+class ConvPatches(nn.Module):
+    """ViT-Hybrid patch features (Dosovitskiy et al. 2021, §3.1 "Hybrid Architecture"): a small strided CNN
+    (:class:`mmkit.nn.ConvFeatureExtractor`, stride 2 per stage) in place of the linear patch projection, one feature
+    per P x P patch. Same interface as :class:`mmkit.nn.PatchEmbedding`: images (B, C, H, W) -> (B, N, D) row-major.
+
+    Why the tiny world model uses it (``vision_stem="conv"``): mPLUG starts from CLIP-ViT, whose patch features already
+    tell shapes apart; a linear 8 x 8 projection trained from scratch named the colour of a grid cell after 200 steps
+    but not its shape (0.44, chance 0.33), so shapes, which most questions use to refer to objects, came late.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, channels: tuple, d_model: int):
+        super().__init__()
+        self.cnn = ConvFeatureExtractor(in_channels, tuple(channels), d_model=d_model)
+        self.grid_size = self.cnn.grid_size(image_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if self.grid_size != (image_size // patch_size,) * 2:
+            raise ValueError(f"the conv stem makes a {self.grid_size} grid, not {image_size // patch_size} x "
+                             f"{image_size // patch_size}: give log2(patch_size) stages")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.cnn(images).features                                     # (B, N, D)
+
+
 class VisionEncoder(_Stack):
     """mPLUG §3.1 visual encoder: a ViT on the image patches with an extra [CLS] (CLIP-ViT at full size).
 
@@ -325,6 +371,8 @@ class VisionEncoder(_Stack):
         self.embeddings = ImageEmbeddings(c.image_size, c.patch_size, c.in_channels, d_model=W,
                                           patch_bias=c.vision_patch_bias, pre_norm=c.vision_pre_norm,
                                           layer_norm_eps=c.vision_layer_norm_eps, dropout=c.dropout)
+        if c.vision_stem == "conv":                                      # ViT-Hybrid: CNN patch features
+            self.embeddings.patch = ConvPatches(c.image_size, c.patch_size, c.in_channels, c.vision_stem_channels, W)
         self.blocks = nn.ModuleList(_block(c, W, c.vision_heads, c.vision_d_ff, c.vision_activation, norm_first=True,
                                            eps=c.vision_layer_norm_eps) for _ in range(c.vision_layers))
         self.post_norm = nn.LayerNorm(W, eps=c.vision_layer_norm_eps)
@@ -572,6 +620,10 @@ class MPLUG(nn.Module):
         # mPLUG §3.1 / §3.3 PrefixLM: the text decoder
         self.decoder = TextDecoder(c) if c.decoder_layers else None
         init_weights(self, std=c.init_std)
+        if c.vision_stem == "conv":      # conv stems learn faster with PyTorch's default init (DEVELOPING.md)
+            for m in self.vision.embeddings.patch.modules():
+                if isinstance(m, (nn.Conv2d, nn.LayerNorm)):
+                    m.reset_parameters()
         self.mlm_head.decoder.weight = self.text.embeddings.word.weight          # tied (BERT's MLM head)
         if self.decoder is not None:
             self.decoder.head.decoder.weight = self.decoder.embeddings.word.weight   # tied (BertLMHeadModel)
@@ -697,6 +749,24 @@ class MPLUG(nn.Module):
             raise ValueError("this mPLUG has no momentum encoders: build it with momentum_encoders=True")
         for name in MOMENTUM_PARTS:
             momentum_update(getattr(self, name), self.momentum_model[name], self.config.momentum)
+
+    def with_config(self, **changes) -> "MPLUG":
+        """A new model of this class whose config is this one's with ``changes``, every weight whose name and shape
+        match copied (the rest keeps its fresh initialisation), in this model's train / eval mode.
+
+        ``momentum_encoders=False`` drops the momentum copies and the queue (what fine-tuned checkpoints store);
+        ``momentum_encoders=True`` adds them, synced to the online encoders (ITC with queues: pretraining, retrieval).
+        """
+        cfg = dataclasses.replace(self.config, **changes)
+        out = type(self)(cfg)
+        own = out.state_dict()
+        for k, v in self.state_dict().items():
+            if k in own and own[k].shape == v.shape:
+                own[k] = v.clone()
+        out.load_state_dict(own)
+        if cfg.momentum_encoders and not self.config.momentum_encoders:
+            out.reset_momentum()
+        return out.to(self.device).train(self.training)
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
@@ -970,11 +1040,13 @@ register_model("mplug", MPLUGConfig, MPLUG)
 register_model("mplug_classifier", MPLUGClassifierConfig, MPLUGForClassification)
 register_cached_forward(MPLUG, MPLUG.cached_step)
 
-# The world model: 32 px images in 4 x 4 patches (64 + [CLS]), width 128, ViT 3 layers, text encoder 2, fusion 2 blocks
-# of (1 co-attention + 1 connected), decoder 2. Tokenizer: mmkit.tokenizer.world_tokenizer().
-register_preset("mplug-tiny", lambda: MPLUGConfig())
-register_preset("mplug-tiny-snli-ve", lambda: MPLUGClassifierConfig(num_labels=3, num_images=1))
-register_preset("mplug-tiny-nlvr2", lambda: MPLUGClassifierConfig(num_labels=2, num_images=2))
+# The world model: 64 px images, 8 x 8 patches (64 + [CLS]) made by a 3-stage conv stem (ViT-Hybrid, see ConvPatches),
+# width 128, FFN 256, ViT 2 layers, text encoder 2, fusion one block of (3 co-attention + 1 connected), decoder 2.
+# Tokenizer: mmkit.tokenizer.world_tokenizer(). The settings and what they cost are in mmkit/mplug/recipes.py.
+TINY = dict(vision_stem="conv")
+register_preset("mplug-tiny", lambda: MPLUGConfig(**TINY))
+register_preset("mplug-tiny-snli-ve", lambda: MPLUGClassifierConfig(**TINY, num_labels=3, num_images=1))
+register_preset("mplug-tiny-nlvr2", lambda: MPLUGClassifierConfig(**TINY, num_labels=2, num_images=2))
 
 # Full size (mPLUG §4-5.1 and the released configs): BERT-base text side (6 text encoder layers, 6 fusion layers,
 # 12 decoder layers, width 768, bert-base-uncased's 30522 ids, [CLS] / [SEP] as decoder BOS / EOS), ITC 256-d with

@@ -8,4 +8,5 @@
     grounding.py   boxes as coordinate tokens written by the decoder, Acc@IoU 0.5 (§5.2.4)
     classify.py    SNLI-VE and NLVR2 heads on the fused [CLS] (§5.2.5)
     video.py       zero-shot "video": frame features concatenated into one sequence (§5.4.2)
+    efficiency.py  forward time of the fusion variants (Fig. 1 / 4) and strides (Fig. 3), §4 switches (Table 6)
 """

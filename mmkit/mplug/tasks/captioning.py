@@ -24,7 +24,9 @@ sampled captions are scored in one call, so both see the same frequencies).
 """
 from __future__ import annotations
 
+import functools
 import random
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -38,10 +40,10 @@ from mmkit.generation import FirstTokenLanguage, first_token_language
 from mmkit.mplug.tasks.inputs import decoder_inputs, encoder_inputs, teacher_forced
 from mmkit.objectives.lm import sequence_logprob
 from mmkit.tokenizer import decode_rows, world_tokenizer
-from mmkit.train import evaluating, unwrap
+from mmkit.train import TrainConfig, evaluating, train, unwrap
 
 __all__ = ["ZERO_SHOT_PROMPTS", "CaptionSampler", "caption_loss", "decode_captions", "CaptionEval",
-           "evaluate_captioning", "SCSTConfig", "cider_rewards", "scst_loss"]
+           "evaluate_captioning", "SCSTConfig", "cider_rewards", "scst_loss", "CaptionRun", "finetune_captioning"]
 
 # mPLUG §5.4.1: "we feed a prefix prompt 'A picture of' into the text encoder"
 ZERO_SHOT_PROMPTS: dict[str, str] = {"en": "a picture of", "zh": "一张图片："}
@@ -200,3 +202,33 @@ def scst_loss(model, batch: dict, config: SCSTConfig | None = None, tokenizer=No
     return loss, {"reward": float(reward.mean()), "baseline": float(baseline.mean()),
                   "advantage": float(advantage.mean())}
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training runs: cross-entropy, then CIDEr optimisation (mPLUG §7.1's two stages)
+# ---------------------------------------------------------------------------------------------------------
+
+class CaptionRun(NamedTuple):
+    model: torch.nn.Module
+    ce: object | None              # TrainResult of the cross-entropy stage (None when skipped)
+    scst: object | None            # TrainResult of the SCST stage (history: loss, reward, baseline, advantage)
+    cpu_seconds: float
+
+
+def finetune_captioning(model, bank: SceneBank, ce_config: TrainConfig | None = None,
+                        scst_config: TrainConfig | None = None, scst: SCSTConfig | None = None, lang: str = "both",
+                        tokenizer=None, seed: int = 0) -> CaptionRun:
+    """mPLUG §7.1 on the world: ``ce_config.steps`` of cross-entropy on the captions of ``bank`` (all five styles),
+    then ``scst_config.steps`` of self-critical sequence training (:func:`scst_loss`, CIDEr-D reward, greedy
+    baseline). Either stage is skipped when its config is None. ``model`` is trained in place."""
+    c0 = time.process_time()
+    tok = tokenizer if tokenizer is not None else world_tokenizer()
+    sampler = CaptionSampler(bank, lang=lang)
+    ce = sc = None
+    if ce_config is not None:
+        ce = train(model, functools.partial(caption_loss, tokenizer=tok), sampler.batch_fn, ce_config)
+    if scst_config is not None:
+        g = torch.Generator().manual_seed(seed)
+        sc = train(model, functools.partial(scst_loss, config=scst or SCSTConfig(), tokenizer=tok, generator=g),
+                   sampler.batch_fn, scst_config)
+    return CaptionRun(unwrap(model), ce, sc, time.process_time() - c0)

@@ -17,6 +17,7 @@ or ``images`` (B, 2, 3, S, S), ``input_ids`` / ``attention_mask`` of the hypothe
 """
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import NamedTuple
 
@@ -25,10 +26,10 @@ import torch.nn.functional as F
 
 from mmkit.data.datasets import make_collate
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import evaluating
+from mmkit.train import TrainConfig, evaluating, train, unwrap
 
 __all__ = ["classification_collate", "classification_loss", "predict_labels", "ClassifierEval",
-           "evaluate_classifier"]
+           "evaluate_classifier", "ClassifierRun", "finetune_classifier"]
 
 
 def classification_collate(tokenizer=None, max_length: int = 48):
@@ -87,3 +88,17 @@ def evaluate_classifier(model, dataset, tokenizer=None, batch_size: int = 64) ->
     per_kind = {k: float(hit[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in sorted(set(kinds))}
     majority = Counter(y.tolist()).most_common(1)[0][1] / len(y)
     return ClassifierEval(float(hit.mean()), per_kind, majority, len(y))
+
+
+class ClassifierRun(NamedTuple):
+    model: torch.nn.Module
+    result: object                 # TrainResult
+    cpu_seconds: float
+
+
+def finetune_classifier(model, dataset, train_config: TrainConfig, tokenizer=None) -> ClassifierRun:
+    """Fine-tune an :class:`~mmkit.mplug.model.MPLUGForClassification` (in place) on a train EntailmentDataset /
+    PairDataset with :func:`classification_loss` (mPLUG §5.2.5)."""
+    c0 = time.process_time()
+    result = train(model, classification_loss, dataset, train_config, collate_fn=classification_collate(tokenizer))
+    return ClassifierRun(unwrap(model), result, time.process_time() - c0)

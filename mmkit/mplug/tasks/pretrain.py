@@ -37,25 +37,30 @@ encoder) first gets ITC going in ~50 steps, after which the joint run trains all
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from mmkit.data.scenes import SceneBank
 from mmkit.data.text import CAPTION_STYLES, caption
-from mmkit.data.world import Rng
+from mmkit.data.world import COLOURS, SHAPES, SIZES, Rng, object_labels
 from mmkit.objectives.itc import all_gather_no_grad, all_gather_with_grad, itc_loss_with_queue, world_info
 from mmkit.objectives.itm import itm_labels, itm_loss, sample_hard_negatives
 from mmkit.objectives.lm import IGNORE_INDEX, split_prefix
 from mmkit.objectives.mlm import mlm_mask
 from mmkit.mplug.tasks.inputs import decoder_inputs, pad_rows
 from mmkit.tokenizer import world_tokenizer
+from mmkit.train import TrainConfig, evaluating, train, unwrap
 
 __all__ = ["PretrainConfig", "PretrainData", "BATCH_KEYS", "build_batch", "global_token_mean", "pretrain_step",
-           "pretrain_loss", "make_pretrain_loss", "StepParts"]
+           "pretrain_loss", "make_pretrain_loss", "StepParts", "GridProbe", "VisionRun", "pretrain_visual_encoder",
+           "StageConfig", "PretrainRun", "pretrain", "evaluate_pretraining"]
 
 BATCH_KEYS: tuple[str, ...] = ("images", "ids", "text_ids", "text_mask", "mlm_ids", "mlm_labels", "prefix_ids",
                                "prefix_mask", "decoder_input_ids", "decoder_labels", "seed")
@@ -80,6 +85,8 @@ class PretrainConfig:
     caption_styles: tuple = CAPTION_STYLES   # the styles a pair's caption is drawn from
     max_text_tokens: int = 48      # text-encoder inputs are cut to this many tokens ([CLS] and [SEP] included)
     start: int = 0                 # first scene of the split (to keep train / eval scenes apart inside a split)
+    caption_ids: bool = True       # pairs with the same caption share an id (PretrainData.caption_ids): positives of
+                                   # each other in ITC, never each other's ITM negatives. False: every pair its own id
 
     def __post_init__(self) -> None:
         self.caption_styles = tuple(self.caption_styles)
@@ -129,6 +136,14 @@ class PretrainData:
         captions = [x[:limit] for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
         return cls(c, bank, texts, langs, captions, tok)
 
+    @functools.cached_property
+    def caption_ids(self) -> list[int]:
+        """Pair i's id for ITC / ITM: the index of the first pair with the same caption. Short world captions repeat
+        ("a red circle" describes many scenes), and such pairs are true matches of each other: ITC counts them as
+        positives and ITM never draws one as the other's hard negative (``ids`` of :func:`build_batch`)."""
+        first: dict[tuple, int] = {}
+        return [first.setdefault(tuple(x), i) for i, x in enumerate(self.captions)]
+
     def __len__(self) -> int:
         return len(self.captions)
 
@@ -146,8 +161,8 @@ class PretrainData:
 def build_batch(data: PretrainData, indices: Sequence[int], generator: torch.Generator) -> dict:
     """The pretraining batch of pairs ``indices`` (every random choice from ``generator``), rows aligned:
 
-    images (B, 3, S, S) float; ids (B,) the pair indices (equal ids = the same pair: positives of each other in ITC,
-    never each other's hard negatives); text_ids / text_mask (B, L) ``[CLS] caption [SEP]``; mlm_ids / mlm_labels
+    images (B, 3, S, S) float; ids (B,) the pairs' caption ids (equal ids = the same caption: positives of each other
+    in ITC, never each other's hard negatives; the pair indices with ``caption_ids=False``); text_ids / text_mask (B, L) ``[CLS] caption [SEP]``; mlm_ids / mlm_labels
     (B, L); prefix_ids / prefix_mask (B, Lp) ``[CLS] prefix [SEP]``; decoder_input_ids / decoder_labels (B, Ls)
     ``[BOS] rest`` / ``rest [EOS]``; seed (int) the hard-negative sampling seed. L, Lp, Ls: the longest row of the
     whole batch (so every process's slice has the same widths, which the ITM gathers need)."""
@@ -175,7 +190,8 @@ def build_batch(data: PretrainData, indices: Sequence[int], generator: torch.Gen
                                  max_len=c.max_text_tokens)
     images = data.bank.images(indices)
     seed = int(torch.randint(2**62, (), generator=generator))
-    return {"images": images, "ids": torch.tensor(indices, dtype=torch.long), "text_ids": text, "text_mask": mask,
+    ids = [data.caption_ids[i] for i in indices] if c.caption_ids else indices
+    return {"images": images, "ids": torch.tensor(ids, dtype=torch.long), "text_ids": text, "text_mask": mask,
             "mlm_ids": mlm.input_ids, "mlm_labels": mlm.labels, "prefix_ids": prefix,
             "prefix_mask": prefix != tok.pad_token_id, "decoder_input_ids": dec, "decoder_labels": labels,
             "seed": seed}
@@ -299,3 +315,190 @@ def make_pretrain_loss(config: PretrainConfig):
     """:func:`pretrain_loss` with other task weights / masking rates."""
     return functools.partial(pretrain_loss, config=config)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 0: a trained visual encoder (the world's stand-in for CLIP-ViT, mPLUG §5.1)
+# ---------------------------------------------------------------------------------------------------------
+
+class GridProbe(nn.Module):
+    """Linear heads that name the object in every cell of the 3 x 3 grid from the visual encoder's patch tokens:
+    its colour, shape and size, or "empty" (labels of :func:`mmkit.data.world.object_labels`, 0 = empty).
+
+    The patch tokens v^0[1:] (B, N, D) are laid out on their (g x g) grid and average-pooled to 3 x 3 cells
+    (``adaptive_avg_pool2d``), one feature per cell; each attribute has its own Linear head. Thrown away after
+    stage 0: only the encoder it trained stays.
+    """
+
+    ATTRIBUTES = ("colour", "shape", "size")
+
+    def __init__(self, model, n_values: tuple[int, ...] = (len(COLOURS), len(SHAPES), len(SIZES))):
+        super().__init__()
+        self.model = model
+        D = model.config.d_model
+        self.heads = nn.ModuleList(nn.Linear(D, n + 1) for n in n_values)           # + 1: the empty cell
+
+    def cells(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 9, D) one pooled patch feature per grid cell, row-major like ``POSITIONS``."""
+        v = self.model.embed_image(images)[:, 1:]                                     # (B, N, D) patches
+        B, N, D = v.shape
+        g = int(round(N ** 0.5))
+        grid = v.transpose(1, 2).reshape(B, D, g, g)                                  # (B, D, g, g)
+        return F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)             # (B, 9, D)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Sum of the three cross-entropies over every cell -> (loss, {attribute: accuracy over occupied cells})."""
+        x = self.cells(images)
+        occupied = labels[..., 0] > 0                                                 # (B, 9)
+        loss, metrics = x.new_zeros(()), {}
+        for k, (name, head) in enumerate(zip(self.ATTRIBUTES, self.heads)):
+            logits = head(x)                                                          # (B, 9, n + 1)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), labels[..., k].flatten())
+            hit = logits.argmax(-1) == labels[..., k]
+            metrics[f"{name}_acc"] = float(hit[occupied].float().mean()) if occupied.any() else 0.0
+        return loss, metrics
+
+
+class VisionRun(NamedTuple):
+    """What stage 0 measured."""
+    history: list                  # per step: loss, colour_acc, shape_acc, size_acc (training batches)
+    accuracy: dict                 # {colour_acc, shape_acc, size_acc} over occupied cells of held-out images
+    cpu_seconds: float
+
+
+def pretrain_visual_encoder(model, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 400,
+                            batch_size: int = 128, lr: float = 2e-3, seed: int = 0, heldout: int = 256) -> VisionRun:
+    """Stage 0: train ``model.vision`` to name the object of every grid cell (a :class:`GridProbe`) through the kit's
+    one training loop, then drop the probe.
+
+    mPLUG §5.1 initialises its visual encoder from CLIP-ViT; the world has no such network, and a ViT that has to
+    discover colours and shapes while also learning to align them with words (ITC) and to bind them (ITM, MLM)
+    learns all of it late. This supervised stage stands in for that pretrained encoder (as M6's stage 0 does for its
+    ResNet). ``images`` (N, 3, S, S) float in [0, 1] or uint8, ``labels`` (N, 9, 3) from ``object_labels``; the last
+    ``heldout`` are held out for the reported accuracy. Only ``model.vision`` gets gradients (its momentum copy is
+    refreshed by the caller, e.g. :func:`pretrain`).
+    """
+    c0 = time.process_time()
+    raw = unwrap(model)
+    n = len(images)
+    n_train = n - min(heldout, n // 4)
+    torch.manual_seed(seed)
+    probe = _VisionOnly(raw, GridProbe(raw))
+
+    def as_float(x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def batch_fn(g: torch.Generator, b: int) -> dict:
+        idx = torch.randint(n_train, (b,), generator=g)
+        return {"images": as_float(images[idx]), "labels": labels[idx]}
+
+    was_training = raw.training
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.0, betas=(0.9, 0.999),
+                       warmup_steps=min(20, steps), min_lr_ratio=0.0, clip_grad_norm=None, mixed_precision="no",
+                       seed=seed, progress_bar=False, log_every=0)
+    result = train(probe, lambda m, b: m(b["images"], b["labels"]), batch_fn, tcfg)
+    acc = {}
+    if n > n_train:
+        with torch.no_grad(), evaluating(probe):
+            _, acc = probe(as_float(images[n_train:]), labels[n_train:])
+    raw.train(was_training)
+    for p in raw.parameters():
+        p.grad = None
+    return VisionRun([{k: round(v, 4) for k, v in h.items()} for h in result.history], acc, time.process_time() - c0)
+
+
+class _VisionOnly(nn.Module):
+    """The probe with only the visual encoder's and the heads' parameters visible to the optimizer."""
+
+    def __init__(self, model, probe: GridProbe):
+        super().__init__()
+        self.vision, self.heads = model.vision, probe.heads
+        self._probe = [probe]                                   # not a submodule: its model is not trained here
+
+    def forward(self, images, labels):
+        return self._probe[0](images, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole pretraining: stage 0 (visual encoder), stage 1 (ITC alone), stage 2 (the four tasks jointly)
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageConfig:
+    vision_steps: int = 400        # stage 0: steps naming the objects of each grid cell (GridProbe), batch 128
+    vision_lr: float = 2e-3        # its peak LR (warmup 20, cosine to 0, AdamW without decay)
+    itc_steps: int = 60            # stage 1: ITC alone (a CLIP-style dual encoder) before the joint run: from fresh
+                                   # text weights ITC stayed at chance for hundreds of joint steps (module notes)
+    itc_lr: float | None = None    # stage 1 peak LR (None: the joint run's)
+    n_val: int = 256               # held-out val pairs for the evaluation (evaluate_pretraining)
+
+
+class PretrainRun(NamedTuple):
+    model: nn.Module
+    vision: VisionRun | None       # stage 0
+    itc: object | None             # stage 1 TrainResult
+    result: object                 # stage 2 TrainResult (history: loss and every task's metrics per step)
+    evaluation: dict               # evaluate_pretraining on held-out pairs after stage 2
+    cpu_seconds: float             # process CPU time of the three stages (every thread)
+    wall_seconds: float
+
+
+def pretrain(model, config: PretrainConfig, train_config: TrainConfig, stages: StageConfig | None = None,
+             data: "PretrainData | None" = None, val: "PretrainData | None" = None,
+             eval_fn=None) -> PretrainRun:
+    """mPLUG pretraining on the world, in three stages (``model`` trained in place, in train mode):
+
+    0. :func:`pretrain_visual_encoder` (``stages.vision_steps``; 0 skips it): the stand-in for CLIP-ViT;
+    1. ITC alone for ``stages.itc_steps`` (CLIP-style), the momentum encoders reset to the online ones first;
+    2. the four tasks of §3.3 jointly (``config``'s weights) for ``train_config.steps``.
+
+    The queue is emptied between stages 1 and 2 only by its own FIFO: its keys come from the same momentum encoders.
+    """
+    st = stages or StageConfig()
+    t0, c0 = time.perf_counter(), time.process_time()
+    raw = unwrap(model)
+    data = data if data is not None else PretrainData.build(config)
+    val = val if val is not None else PretrainData.build(config, data.tok, "val", n=st.n_val)
+    vision = None
+    if st.vision_steps:
+        vision = pretrain_visual_encoder(raw, data.bank.images_u8, object_labels(data.bank.scenes),
+                                         steps=st.vision_steps, lr=st.vision_lr, seed=train_config.seed)
+    raw.reset_momentum()
+    itc = None
+    if st.itc_steps:
+        itc_cfg = dataclasses.replace(train_config, steps=st.itc_steps, warmup_steps=min(10, st.itc_steps),
+                                      lr=st.itc_lr or train_config.lr, eval_every=0, out_dir=None,
+                                      min_lr_ratio=1.0)
+        itc = train(model, make_pretrain_loss(dataclasses.replace(config, itm=0.0, mlm=0.0, prefix_lm=0.0)),
+                    data.batch_fn, itc_cfg)
+    result = train(model, make_pretrain_loss(config), data.batch_fn, train_config, eval_fn=eval_fn)
+    ev = evaluate_pretraining(raw, val)
+    return PretrainRun(model, vision, itc, result, ev, time.process_time() - c0, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate_pretraining(model, val: "PretrainData", batch_size: int = 64, seed: int = 0) -> dict:
+    """Held-out numbers of the four tasks beside what a model that ignores the image gets.
+
+    Every val pair is scored twice in eval mode (no momentum update, no enqueue), once with its own image and once
+    with the image of the next pair in the batch (``shuffled_*``): what the text alone allows. ITC accuracies are
+    in-batch (chance 1 / batch), ITM accuracy is over the B positives and 2B hard negatives of each batch.
+    """
+    raw = unwrap(model)
+    sums: dict[str, float] = {}
+    n = 0
+    with evaluating(raw):
+        for i in range(0, len(val) - 1, batch_size):
+            idx = list(range(i, min(i + batch_size, len(val))))
+            if len(idx) < 2:
+                break
+            batch = val.fixed_batch(idx, seed=seed + i)
+            rolled = dict(batch, images=batch["images"].roll(1, 0))
+            for prefix, b in (("", batch), ("shuffled_", rolled)):
+                _, m = pretrain_step(raw, b, val.config)
+                for k, v in m.items():
+                    sums[prefix + k] = sums.get(prefix + k, 0.0) + v * len(idx)
+            n += len(idx)
+    out = {k: v / max(n, 1) for k, v in sums.items() if not k.endswith("queue_size") and "temperature" not in k}
+    out["itc_chance"] = 1.0 / min(batch_size, len(val))
+    return out

@@ -15,6 +15,7 @@ by the raw match logit).
 """
 from __future__ import annotations
 
+import time
 from typing import NamedTuple, Sequence
 
 import torch
@@ -24,12 +25,12 @@ from mmkit.data.scenes import SceneBank
 from mmkit.data.text import caption
 from mmkit.evaluation.retrieval import Retrieval, recall_at_k
 from mmkit.mplug.tasks.inputs import encoder_inputs
-from mmkit.mplug.tasks.pretrain import PretrainConfig, make_pretrain_loss
+from mmkit.mplug.tasks.pretrain import PretrainConfig, PretrainData, make_pretrain_loss
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import evaluating
+from mmkit.train import TrainConfig, evaluating, train, unwrap
 
 __all__ = ["retrieval_loss", "RetrievalScores", "retrieval_scores", "scores_from_embeddings", "RetrievalEval",
-           "reranked_recall", "evaluate_retrieval"]
+           "reranked_recall", "evaluate_retrieval", "RetrievalRun", "finetune_retrieval"]
 
 # §5.2.3 "we jointly optimize the ITC loss and the ITM loss during fine-tuning": the pretraining step without MLM and
 # PrefixLM (batches from mmkit.mplug.tasks.pretrain.PretrainData)
@@ -115,3 +116,20 @@ def evaluate_retrieval(model, split: str = "test", n: int = 100, k: int = 16, la
     return RetrievalEval(recall_at_k(s.itc), reranked_recall(s), s, texts)
 
 
+
+
+class RetrievalRun(NamedTuple):
+    model: torch.nn.Module
+    result: object                 # TrainResult (history: loss, itc, itm, their accuracies)
+    cpu_seconds: float
+
+
+def finetune_retrieval(model, data: PretrainData, train_config: TrainConfig) -> RetrievalRun:
+    """§5.2.3 "we jointly optimize the ITC loss and the ITM loss during fine-tuning": :data:`retrieval_loss` on the
+    image-caption pairs of ``data`` (``model`` needs its momentum encoders and queue; trained in place)."""
+    c0 = time.process_time()
+    if unwrap(model).momentum_model is None:
+        raise ValueError("retrieval fine-tuning trains ITC with momentum queues: give an mPLUG with momentum encoders "
+                         "(model.with_config(momentum_encoders=True))")
+    result = train(model, retrieval_loss, data.batch_fn, train_config)
+    return RetrievalRun(unwrap(model), result, time.process_time() - c0)

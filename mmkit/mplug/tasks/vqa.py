@@ -19,24 +19,27 @@ mPLUG: relevance of patch n = ReLU(sum_d dlogP/dv_nd * v_nd), the (H/P x W/P) gr
 """
 from __future__ import annotations
 
+import functools
+import random
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mmkit.data.preprocess import image_for_model
-from mmkit.data.scenes import SceneBank
-from mmkit.data.text import answer_vocab
-from mmkit.data.vqa import eval_questions, normalise_question, question_language
-from mmkit.evaluation.vqa import VQAAnswer, VQAEval, normal_answer, score_answers
+from mmkit.data.scenes import SceneBank, sample_scenes
+from mmkit.data.text import QTYPES, answer_vocab, questions
+from mmkit.data.vqa import VQASampler, eval_questions, normalise_question, question_language
+from mmkit.evaluation.vqa import AnswerPrior, VQAAnswer, VQAEval, normal_answer, score_answers
 from mmkit.mplug.tasks.inputs import encoder_inputs, teacher_forced
 from mmkit.objectives.lm import IGNORE_INDEX, sequence_logprob
 from mmkit.tokenizer import decode_rows, world_tokenizer
-from mmkit.train import evaluating, unwrap
+from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
 
 __all__ = ["VQAConfig", "vqa_bank", "vqa_loss", "answer_batch", "score_candidates", "answer", "answer_heatmap",
-           "evaluate_vqa", "evaluate_vqa_images"]
+           "evaluate_vqa", "evaluate_vqa_images", "VQARun", "finetune_vqa", "fit_answer_prior", "blind_eval"]
 
 
 @dataclass
@@ -45,18 +48,21 @@ class VQAConfig:
     n_scenes: int = 10_000           # train scenes (rendered once: mmkit.data.scenes.SceneBank)
     n_augmented: int = 0             # scenes that also get a drawn-style view (mmkit.data.augment)
     aug_fraction: float = 0.0        # share of questions asked about the augmented views
-    image_size: int = 32             # the model's image size
+    image_size: int = 64             # the model's image size (world images: 64 px)
     min_objects: int = 1
     max_objects: int = 3
     max_question_tokens: int = 48    # [CLS] question [SEP] is cut to this many tokens
     max_answer_tokens: int = 6       # generation budget (world answers: 1-3 tokens + [EOS])
+    vision_lr_scale: float = 1.0     # LR multiplier of the visual encoder while fine-tuning (mPLUG Table 11 gives the
+                                     # ViT its own LR); 0 freezes it
+    augment_seed: int = 0            # seeds the augmented views
 
 
 def vqa_bank(config: VQAConfig, split: str = "train", n: int | None = None, start: int = 0) -> SceneBank:
     """``n`` scenes of ``split`` (default ``config.n_scenes``), with ``config.n_augmented`` augmented views."""
     return SceneBank.build(split, config.n_scenes if n is None else n, image_size=config.image_size, start=start,
                            min_objects=config.min_objects, max_objects=config.max_objects,
-                           n_augmented=config.n_augmented)
+                           n_augmented=config.n_augmented, augment_seed=config.augment_seed)
 
 
 def _questions(tok, questions: Sequence[str], max_len: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,11 +200,74 @@ def evaluate_vqa_images(model, images: torch.Tensor, items: Sequence[tuple[str, 
 
 @torch.no_grad()
 def evaluate_vqa(model, split: str = "test", n: int = 300, *, seed: int = 0, tokenizer=None, num_beams: int = 1,
-                 start: int = 0) -> VQAEval:
+                 start: int = 0, augmented_seed: int | None = None) -> VQAEval:
     """Accuracy of generated answers on ``n`` held-out scenes of ``split``, one question of every available type per
-    scene, EN and ZH alternating (:func:`mmkit.data.vqa.eval_questions`)."""
+    scene, EN and ZH alternating (:func:`mmkit.data.vqa.eval_questions`). ``augmented_seed``: ask about drawn-style
+    views of the scenes (:mod:`mmkit.data.augment`, seeded by it) instead of the world's renderings."""
     bank = vqa_bank(VQAConfig(image_size=model.config.image_size), split, n, start=start)
+    if augmented_seed is not None:
+        bank = bank.with_augmented(augmented_seed)
     qs = eval_questions(bank.scenes, seed)
-    images = torch.stack([bank.image(i) for i, _ in qs])
+    images = torch.stack([bank.image(i, augmented_seed is not None) for i, _ in qs])
     return evaluate_vqa_images(model, images, [(qa.question, qa.answer, qa.qtype, qa.lang) for _, qa in qs],
                                tokenizer, num_beams)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fine-tuning (mPLUG §5.2.1, §7.1) and the blind baseline
+# ---------------------------------------------------------------------------------------------------------
+
+class VQARun(NamedTuple):
+    model: torch.nn.Module
+    result: object                 # mmkit.train.TrainResult
+    eval: VQAEval | None           # held-out test scenes (world renderings)
+    eval_augmented: VQAEval | None # the same scenes drawn in the augmentations' style
+    cpu_seconds: float             # process CPU time of the fine-tuning (every thread), data building included
+    wall_seconds: float
+
+
+def finetune_vqa(model, config: VQAConfig | None = None, train_config: TrainConfig | None = None, *,
+                 n_eval: int = 300, eval_fn=None, tokenizer=None) -> VQARun:
+    """Fine-tune ``model`` (a pretrained mPLUG, trained in place) on generated answers: teacher forcing of
+    ``answer [EOS]`` after [BOS] from [v^L; l^L] of (image, question) (mPLUG §5.2.1), questions of every type in
+    English and Chinese, drawn-style views for ``config.aug_fraction`` of them; then evaluate on ``n_eval`` held-out
+    test scenes, rendered and drawn (``n_eval=0`` skips it)."""
+    cfg = config or VQAConfig(image_size=unwrap(model).config.image_size)
+    tcfg = train_config or TrainConfig(steps=600, batch_size=64, lr=1e-3, warmup_steps=50, mixed_precision="no")
+    tok = tokenizer if tokenizer is not None else world_tokenizer()
+    t0, c0 = time.perf_counter(), time.process_time()
+    sampler = VQASampler(vqa_bank(cfg), lang=cfg.lang, aug_fraction=cfg.aug_fraction)
+    kw = {}
+    if cfg.vision_lr_scale != 1.0:
+        kw["param_groups_fn"] = lambda m: scaled_param_groups(m, tcfg.weight_decay, tcfg.lr,
+                                                              {"vision.": cfg.vision_lr_scale})
+    result = train(model, functools.partial(vqa_loss, tokenizer=tok, max_len=cfg.max_question_tokens),
+                   sampler.batch_fn, tcfg, eval_fn=eval_fn, **kw)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    raw = unwrap(model)
+    ev = evaluate_vqa(raw, "test", n_eval, tokenizer=tok) if n_eval else None
+    ev_aug = evaluate_vqa(raw, "test", n_eval, tokenizer=tok, augmented_seed=1) if n_eval else None
+    return VQARun(raw, result, ev, ev_aug, cpu, wall)
+
+
+def fit_answer_prior(n_scenes: int = 6000, draws: int = 4, seed: int = 0) -> AnswerPrior:
+    """The blind baseline's prior (:class:`mmkit.evaluation.vqa.AnswerPrior`) fitted on what :class:`VQASampler`
+    draws from ``n_scenes`` train scenes (a type uniformly among the scene's, then a question of it), both languages,
+    ``draws`` questions per scene and language: the most frequent answer per exact question string."""
+    rng = random.Random(seed)
+    qs, ans, types, langs = [], [], [], []
+    for scene in sample_scenes("train", n_scenes):
+        for lang in ("en", "zh"):
+            by_type: dict = {}
+            for qa in questions(scene, lang):
+                by_type.setdefault(qa.qtype, []).append(qa)
+            kinds = [t for t in QTYPES if t in by_type]
+            for _ in range(draws):
+                qa = rng.choice(by_type[rng.choice(kinds)])
+                qs.append(qa.question), ans.append(qa.answer), types.append(qa.qtype), langs.append(lang)
+    return AnswerPrior.fit(qs, ans, types, langs)
+
+
+def blind_eval(prior: AnswerPrior, ev: VQAEval) -> VQAEval:
+    """What the prior (no image) scores on exactly the questions of ``ev``."""
+    return score_answers([(q, a, prior(q, t, lg), t, lg) for q, a, _, t, lg in ev.records])

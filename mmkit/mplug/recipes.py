@@ -1,0 +1,427 @@
+"""mPLUG's recipes: how each mPLUG checkpoint is made (``mmkit train NAME`` runs one; ``mmkit.load`` runs a missing one
+once and caches it).
+
+    mplug-tiny-pretrained   §3.3 ITC (momentum queues) + ITM (hard negatives) + MLM + PrefixLM, after a visual-encoder
+                            stage (the stand-in for CLIP-ViT) and an ITC-only stage                      from scratch
+    mplug-tiny-vqa          §5.2.1 VQA as open-vocabulary answer generation, EN + ZH, drawn-style views
+                                                                                          <- mplug-tiny-pretrained
+    mplug-tiny-caption      §5.2.2 / §7.1 captioning: cross-entropy, then CIDEr optimisation (SCST)
+                                                                                          <- mplug-tiny-pretrained
+    mplug-tiny-retrieval    §5.2.3 ITC + ITM fine-tuning; ITC top-k reranked by ITM        <- mplug-tiny-pretrained
+    mplug-tiny-grounding    §5.2.4 boxes as coordinate tokens written by the decoder        <- mplug-tiny-pretrained
+    mplug-tiny-snli-ve      §5.2.5 SNLI-VE on the fused [CLS], no decoder                   <- mplug-tiny-pretrained
+    mplug-tiny-nlvr2        §5.2.5 NLVR2, two images' tokens concatenated                   <- mplug-tiny-pretrained
+
+Each recipe writes ``model.safetensors`` + ``config.json`` (+ trainer state) into the folder it is given and returns
+the metrics it measured (:func:`mmkit.hub.run_recipe` stores them in ``recipe.json``). Checkpoints are stored without
+the momentum encoders and queue (an ALBEF training device; a recipe that needs them adds fresh copies synced to the
+online encoders, ``model.with_config(momentum_encoders=True)``) and in float16 (``save_half``: the recipes measure
+the difference this makes), so that the shipped ones fit the kit's size budget. CPU seconds are the process's CPU
+time (``time.process_time``, every thread).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import mmkit.hub as hub
+from mmkit.config import build_model, load_config
+from mmkit.data.datasets import EntailmentDataset, PairDataset
+from mmkit.data.scenes import SceneBank
+from mmkit.mplug.model import MPLUGForClassification
+from mmkit.mplug.tasks.captioning import SCSTConfig, evaluate_captioning, finetune_captioning
+from mmkit.mplug.tasks.classify import evaluate_classifier, finetune_classifier
+from mmkit.mplug.tasks.efficiency import WORLD_LENGTHS, stride_times
+from mmkit.mplug.tasks.grounding import coordinate_tokenizer, evaluate_grounding, finetune_grounding
+from mmkit.mplug.tasks.pretrain import PretrainConfig, PretrainData, StageConfig, pretrain
+from mmkit.mplug.tasks.retrieval import evaluate_retrieval, finetune_retrieval
+from mmkit.mplug.tasks.vqa import VQAConfig, blind_eval, evaluate_vqa, finetune_vqa, fit_answer_prior
+from mmkit.registry import recipe, register_loader
+from mmkit.train import TrainConfig, save_checkpoint
+
+__all__ = ["PRETRAIN", "PRETRAIN_FAST", "VQA", "VQA_FAST", "CAPTION", "CAPTION_FAST", "RETRIEVAL", "RETRIEVAL_FAST",
+           "GROUNDING", "GROUNDING_FAST", "CLASSIFY", "CLASSIFY_FAST", "save_half", "rounded_to_half",
+           "train_mplug_tiny_pretrained", "train_mplug_tiny_vqa", "train_mplug_tiny_caption",
+           "train_mplug_tiny_retrieval", "train_mplug_tiny_grounding", "train_mplug_tiny_snli_ve",
+           "train_mplug_tiny_nlvr2", "SWEEP", "SWEEP_FAST", "sweep_model", "train_mplug_tiny_stride_sweep"]
+
+
+def _r4(v) -> float:
+    return round(float(v), 4)
+
+
+def save_half(out_dir: Path, model, **kw) -> Path:
+    """:func:`mmkit.train.save_checkpoint` of a float16 copy of ``model`` without momentum encoders and queue (loading
+    casts the weights back to float32: ``load_state_dict`` copies into the float32 model)."""
+    m = model.with_config(momentum_encoders=False) if getattr(model.config, "momentum_encoders", False) else model
+    half = copy.deepcopy(m).half()
+    return save_checkpoint(out_dir, half, **kw)
+
+
+def rounded_to_half(model):
+    """A float32 copy of ``model`` whose weights went through float16 (what a float16 checkpoint loads as)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.half().float())
+    return out
+
+
+def _history(hist: list[dict], every: int) -> list[dict]:
+    keep = hist[::every] + ([hist[-1]] if hist and (len(hist) - 1) % every else [])
+    return [{k: _r4(v) if isinstance(v, float) else v for k, v in h.items()} for h in keep]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mplug-tiny-pretrained
+# ---------------------------------------------------------------------------------------------------------
+
+# Tuning notes (single-thread CPU seconds on the shared 2-core machine; world 64 px, mplug-tiny 1.98M online):
+# one joint step (ITC + ITM on B + 2B pairs + MLM + PrefixLM) at batch 64 costs ~2.6 CPU-s (S = 3; S = 1: 3.0), a VQA
+# step at batch 64 ~0.55 CPU-s, a stage-0 step (visual encoder only) at batch 128 ~0.5 CPU-s.
+PRETRAIN = dict(
+    data=dict(n_pairs=8000, image_size=64, lang="both"),
+    stages=dict(vision_steps=400, vision_lr=4e-3, itc_steps=100, n_val=256),
+    train=dict(steps=200, batch_size=64, lr=1e-3, warmup_steps=40, min_lr_ratio=0.1, weight_decay=0.02,
+               mixed_precision="no", log_every=25, seed=0, progress_bar=False),
+)
+PRETRAIN_FAST = dict(
+    data=dict(n_pairs=1000, image_size=64, lang="both"),
+    stages=dict(vision_steps=60, vision_lr=4e-3, itc_steps=20, n_val=64),
+    train=dict(PRETRAIN["train"], steps=40, batch_size=32, warmup_steps=10),
+)
+
+
+@recipe("mplug-tiny-pretrained", "mPLUG tiny pretrained on the world: stage 0 (visual encoder), ITC alone, then ITC + "
+        "ITM + MLM + PrefixLM jointly (mPLUG §3.3), EN + ZH captions", config="mplug-tiny")
+def train_mplug_tiny_pretrained(out_dir: Path, fast: bool) -> dict:
+    r = PRETRAIN_FAST if fast else PRETRAIN
+    pcfg, st, tcfg = PretrainConfig(**r["data"]), StageConfig(**r["stages"]), TrainConfig(**r["train"])
+    torch.manual_seed(tcfg.seed)
+    model = build_model(load_config("mplug-tiny")).train()
+    run = pretrain(model, pcfg, tcfg, st)
+    hist = run.result.history
+    metrics = {"steps": run.result.step, "batch_size": tcfg.batch_size, "cpu_seconds": round(run.cpu_seconds, 1),
+               "wall_seconds": round(run.wall_seconds, 1), "torch_threads": torch.get_num_threads()}
+    if run.vision is not None:
+        metrics.update({f"stage0_{k}": _r4(v) for k, v in run.vision.accuracy.items()},
+                       stage0_cpu_seconds=round(run.vision.cpu_seconds, 1))
+    if run.itc is not None:
+        metrics.update(stage1_first_itc=_r4(run.itc.history[0]["itc"]), stage1_last_itc=_r4(run.itc.history[-1]["itc"]),
+                       stage1_last_itc_i2t_acc=_r4(run.itc.history[-1]["itc_i2t_acc"]))
+    for k in ("loss", "itc", "itm", "mlm", "prefix_lm"):
+        metrics[f"first_{k}"] = _r4(hist[0][k])
+        metrics[f"last_{k}"] = _r4(sum(h[k] for h in hist[-10:]) / len(hist[-10:]))
+    metrics.update({f"val_{k}": _r4(v) for k, v in run.evaluation.items()})
+    model.eval()
+    n_ret = 64 if fast else 100
+    zs = evaluate_retrieval(model, "test", n=n_ret, k=16)
+    metrics.update({f"zero_shot_itc_{k}": _r4(v) for k, v in _recalls(zs.itc).items()},
+                   **{f"zero_shot_reranked_{k}": _r4(v) for k, v in _recalls(zs.reranked).items()},
+                   retrieval_chance_r1=_r4(1 / n_ret))
+    cap = evaluate_captioning(model, "test", n=32 if fast else 96, method="greedy")
+    metrics.update(zero_shot_caption_bleu4=_r4(cap.scores.bleu4), zero_shot_caption_cider=_r4(cap.scores.cider),
+                   zero_shot_caption_attr_acc=_r4(cap.scores.attr_acc))
+    save_half(out_dir, model, step=run.result.step, train_config=tcfg, history=_history(hist, 10),
+              extra={"pretrain_config": dataclasses.asdict(pcfg), "stages": dataclasses.asdict(st),
+                     "stage0_history": run.vision.history[::10] if run.vision else [],
+                     "stage1_history": _history(run.itc.history, 5) if run.itc else []})
+    return metrics
+
+
+def _recalls(r) -> dict:
+    return {**{f"i2t_r{k}": v for k, v in r.i2t.items()}, **{f"t2i_r{k}": v for k, v in r.t2i.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mplug-tiny-vqa
+# ---------------------------------------------------------------------------------------------------------
+
+VQA = dict(
+    data=dict(n_scenes=10_000, n_augmented=6_000, aug_fraction=0.3, image_size=64, lang="both"),
+    train=dict(steps=800, batch_size=64, lr=1e-3, warmup_steps=50, min_lr_ratio=0.05, weight_decay=0.02,
+               mixed_precision="no", log_every=25, seed=0, progress_bar=False),
+    n_eval=300,
+)
+VQA_FAST = dict(data=dict(VQA["data"], n_scenes=1500, n_augmented=500), train=dict(VQA["train"], steps=60,
+                                                                                   warmup_steps=10), n_eval=60)
+
+
+@recipe("mplug-tiny-vqa", "mPLUG tiny fine-tuned for VQA as open-vocabulary answer generation (mPLUG §5.2.1), EN + "
+        "ZH, with drawn-style views", config="mplug-tiny", needs=("mplug-tiny-pretrained",))
+def train_mplug_tiny_vqa(out_dir: Path, fast: bool) -> dict:
+    r = VQA_FAST if fast else VQA
+    cfg, tcfg = VQAConfig(**r["data"]), TrainConfig(**r["train"])
+    torch.manual_seed(tcfg.seed)
+    model = hub.load("mplug-tiny-pretrained").train()
+    run = finetune_vqa(model, cfg, tcfg, n_eval=r["n_eval"])
+    prior = fit_answer_prior(2000 if fast else 6000)
+    blind, blind_aug = blind_eval(prior, run.eval), blind_eval(prior, run.eval_augmented)
+    half = rounded_to_half(run.model).eval()
+    ev_half = evaluate_vqa(half, "test", r["n_eval"])
+    hist = run.result.history
+    metrics = {"test_acc": _r4(run.eval.accuracy), "test_n_questions": run.eval.n_questions,
+               **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_type.items()},
+               **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_lang.items()},
+               "drawn_style_acc": _r4(run.eval_augmented.accuracy),
+               **{f"drawn_style_acc_{k}": _r4(v) for k, v in run.eval_augmented.per_type.items()},
+               "blind_acc": _r4(blind.accuracy), **{f"blind_acc_{k}": _r4(v) for k, v in blind.per_type.items()},
+               "blind_drawn_style_acc": _r4(blind_aug.accuracy),
+               "float16_test_acc": _r4(ev_half.accuracy),
+               "steps": run.result.step, "batch_size": tcfg.batch_size, "first_loss": _r4(hist[0]["loss"]),
+               "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
+               "cpu_seconds": round(run.cpu_seconds, 1), "wall_seconds": round(run.wall_seconds, 1),
+               "torch_threads": torch.get_num_threads()}
+    save_half(out_dir, run.model, step=run.result.step, train_config=tcfg, history=_history(hist, 25),
+              extra={"vqa_config": dataclasses.asdict(cfg)})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mplug-tiny-caption: cross-entropy, then CIDEr optimisation (§7.1)
+# ---------------------------------------------------------------------------------------------------------
+
+CAPTION = dict(
+    n_scenes=4000,
+    ce=dict(steps=150, batch_size=64, lr=5e-4, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.02,
+            mixed_precision="no", log_every=25, seed=0, progress_bar=False),
+    scst=dict(steps=120, batch_size=32, lr=5e-5, warmup_steps=10, min_lr_ratio=1.0, weight_decay=0.0,
+              mixed_precision="no", log_every=10, seed=1, progress_bar=False),
+    sampling=dict(n_samples=1, temperature=1.0),
+    n_eval=96, num_beams=3,
+)
+CAPTION_FAST = dict(CAPTION, n_scenes=600, ce=dict(CAPTION["ce"], steps=20, warmup_steps=5),
+                    scst=dict(CAPTION["scst"], steps=10, warmup_steps=2), n_eval=32)
+
+
+def _caption_metrics(prefix: str, ev) -> dict:
+    s = ev.scores
+    return {f"{prefix}_bleu4": _r4(s.bleu4), f"{prefix}_cider": _r4(s.cider), f"{prefix}_attr_acc": _r4(s.attr_acc),
+            f"{prefix}_attr_precision": _r4(s.attr_precision)}
+
+
+@recipe("mplug-tiny-caption", "mPLUG tiny captioner (mPLUG §7.1): cross-entropy, then self-critical sequence training "
+        "with a CIDEr-D reward; beam search", config="mplug-tiny", needs=("mplug-tiny-pretrained",))
+def train_mplug_tiny_caption(out_dir: Path, fast: bool) -> dict:
+    r = CAPTION_FAST if fast else CAPTION
+    c0, t0 = time.process_time(), time.perf_counter()
+    model = hub.load("mplug-tiny-pretrained").train()
+    n, beams = r["n_eval"], r["num_beams"]
+    metrics = _caption_metrics("pretrained_beam", evaluate_captioning(model, "test", n, num_beams=beams))
+    bank = SceneBank.build("train", r["n_scenes"], image_size=model.config.image_size, start=200_000)
+    ce_cfg, scst_cfg = TrainConfig(**r["ce"]), TrainConfig(**r["scst"])
+    run = finetune_captioning(model, bank, ce_cfg, None)
+    metrics.update(_caption_metrics("ce_beam", evaluate_captioning(model, "test", n, num_beams=beams)),
+                   **_caption_metrics("ce_greedy", evaluate_captioning(model, "test", n, method="greedy")))
+    sc = finetune_captioning(model, bank, None, scst_cfg, SCSTConfig(**r["sampling"]), seed=scst_cfg.seed)
+    after_beam = evaluate_captioning(model, "test", n, num_beams=beams)
+    after_greedy = evaluate_captioning(model, "test", n, method="greedy")
+    metrics.update(_caption_metrics("scst_beam", after_beam), **_caption_metrics("scst_greedy", after_greedy))
+    half = rounded_to_half(model).eval()
+    metrics["float16_scst_beam_cider"] = _r4(evaluate_captioning(half, "test", n, num_beams=beams).scores.cider)
+    hs = sc.scst.history
+    metrics.update(scst_first_reward=_r4(sum(h["reward"] for h in hs[:10]) / len(hs[:10])),
+                   scst_last_reward=_r4(sum(h["reward"] for h in hs[-10:]) / len(hs[-10:])),
+                   ce_steps=ce_cfg.steps, scst_steps=scst_cfg.steps, ce_cpu_seconds=round(run.cpu_seconds, 1),
+                   scst_cpu_seconds=round(sc.cpu_seconds, 1), cpu_seconds=round(time.process_time() - c0, 1),
+                   wall_seconds=round(time.perf_counter() - t0, 1), torch_threads=torch.get_num_threads(),
+                   examples=[f"{lg}: {c}" for c, lg in list(zip(after_beam.captions, after_beam.langs))[:4]])
+    save_half(out_dir, model, step=ce_cfg.steps + scst_cfg.steps, train_config=scst_cfg,
+              history=_history(run.ce.history, 10) + _history(hs, 5))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mplug-tiny-retrieval: ITC + ITM fine-tuning (§5.2.3)
+# ---------------------------------------------------------------------------------------------------------
+
+RETRIEVAL = dict(
+    data=dict(n_pairs=6000, image_size=64, lang="both", start=300_000),
+    train=dict(steps=200, batch_size=64, lr=5e-4, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.02,
+               mixed_precision="no", log_every=25, seed=0, progress_bar=False),
+    n_eval=100, k=16,
+)
+RETRIEVAL_FAST = dict(RETRIEVAL, data=dict(RETRIEVAL["data"], n_pairs=800), train=dict(RETRIEVAL["train"], steps=20,
+                                                                                       warmup_steps=5), n_eval=48)
+
+
+@recipe("mplug-tiny-retrieval", "mPLUG tiny fine-tuned for image-text retrieval with ITC + ITM (mPLUG §5.2.3): ITC "
+        "top-k reranked by ITM", config="mplug-tiny", needs=("mplug-tiny-pretrained",))
+def train_mplug_tiny_retrieval(out_dir: Path, fast: bool) -> dict:
+    r = RETRIEVAL_FAST if fast else RETRIEVAL
+    c0, t0 = time.process_time(), time.perf_counter()
+    pre = hub.load("mplug-tiny-pretrained")
+    zs = evaluate_retrieval(pre, "test", n=r["n_eval"], k=r["k"])
+    model = pre.with_config(momentum_encoders=True).train()
+    tcfg = TrainConfig(**r["train"])
+    torch.manual_seed(tcfg.seed)
+    run = finetune_retrieval(model, PretrainData.build(PretrainConfig(**r["data"])), tcfg)
+    model.eval()
+    ft = evaluate_retrieval(model, "test", n=r["n_eval"], k=r["k"])
+    metrics = {**{f"zero_shot_itc_{k}": _r4(v) for k, v in _recalls(zs.itc).items()},
+               **{f"zero_shot_reranked_{k}": _r4(v) for k, v in _recalls(zs.reranked).items()},
+               **{f"finetuned_itc_{k}": _r4(v) for k, v in _recalls(ft.itc).items()},
+               **{f"finetuned_reranked_{k}": _r4(v) for k, v in _recalls(ft.reranked).items()},
+               "n_eval": r["n_eval"], "k": r["k"], "chance_r1": _r4(1 / r["n_eval"]),
+               "float16_reranked_mean": _r4(evaluate_retrieval(rounded_to_half(model).eval(), "test", n=r["n_eval"],
+                                                               k=r["k"]).reranked.mean),
+               "finetuned_reranked_mean": _r4(ft.reranked.mean), "steps": tcfg.steps,
+               "cpu_seconds": round(time.process_time() - c0, 1), "train_cpu_seconds": round(run.cpu_seconds, 1),
+               "wall_seconds": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads()}
+    save_half(out_dir, model, step=tcfg.steps, train_config=tcfg, history=_history(run.result.history, 10))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mplug-tiny-grounding: coordinate tokens (§5.2.4)
+# ---------------------------------------------------------------------------------------------------------
+
+GROUNDING = dict(
+    n_bins=33, n_train=8000, lang="both",
+    train=dict(steps=400, batch_size=64, lr=1e-3, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
+               mixed_precision="no", log_every=25, seed=0, progress_bar=False),
+    n_eval=300,
+)
+GROUNDING_FAST = dict(GROUNDING, n_train=800, train=dict(GROUNDING["train"], steps=30, warmup_steps=5), n_eval=64)
+
+
+@recipe("mplug-tiny-grounding", "mPLUG tiny visual grounding (mPLUG §5.2.4): the decoder writes the box as 4 "
+        "coordinate tokens from [v; l], EN + ZH expressions", config="mplug-tiny", needs=("mplug-tiny-pretrained",))
+def train_mplug_tiny_grounding(out_dir: Path, fast: bool) -> dict:
+    r = GROUNDING_FAST if fast else GROUNDING
+    c0, t0 = time.process_time(), time.perf_counter()
+    tok, first = coordinate_tokenizer(r["n_bins"])
+    model = hub.load("mplug-tiny-pretrained").train()
+    tcfg = TrainConfig(**r["train"])
+    torch.manual_seed(tcfg.seed)
+    run = finetune_grounding(model, tok, first, r["n_bins"], tcfg, n_train=r["n_train"], lang=r["lang"])
+    model.eval()
+    metrics = {"n_bins": r["n_bins"], "first_coordinate_id": first}
+    for lang in ("en", "zh"):
+        ev = evaluate_grounding(model, tok, first, r["n_bins"], "test", n=r["n_eval"], lang=lang)
+        metrics.update({f"acc_iou50_{lang}": _r4(ev.accuracy), f"centre_baseline_{lang}": _r4(ev.baseline),
+                        f"mean_iou_{lang}": _r4(ev.mean_iou)})
+    half = evaluate_grounding(rounded_to_half(model).eval(), tok, first, r["n_bins"], "test", n=r["n_eval"])
+    hist = run.result.history
+    metrics.update(float16_acc_iou50_en=_r4(half.accuracy), steps=tcfg.steps, first_loss=_r4(hist[0]["loss"]),
+                   last_loss=_r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
+                   cpu_seconds=round(time.process_time() - c0, 1), wall_seconds=round(time.perf_counter() - t0, 1),
+                   torch_threads=torch.get_num_threads())
+    save_half(out_dir, model, step=tcfg.steps, train_config=tcfg, history=_history(hist, 25),
+              extra={"n_bins": r["n_bins"], "first_coordinate_id": first})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mplug-tiny-snli-ve and mplug-tiny-nlvr2: classifiers on the fused [CLS] (§5.2.5)
+# ---------------------------------------------------------------------------------------------------------
+
+CLASSIFY = dict(
+    n_train=6000, lang="both",
+    train=dict(steps=300, batch_size=64, lr=5e-4, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
+               mixed_precision="no", log_every=25, seed=0, progress_bar=False),
+    n_eval=400,
+)
+CLASSIFY_FAST = dict(CLASSIFY, n_train=600, train=dict(CLASSIFY["train"], steps=30, warmup_steps=5), n_eval=96)
+
+
+def _classifier_recipe(out_dir: Path, fast: bool, num_labels: int, num_images: int, dataset_cls) -> dict:
+    r = CLASSIFY_FAST if fast else CLASSIFY
+    c0, t0 = time.process_time(), time.perf_counter()
+    pre = hub.load("mplug-tiny-pretrained")
+    model = MPLUGForClassification.from_pretrained_mplug(pre, num_labels, num_images).train()
+    tcfg = TrainConfig(**r["train"])
+    torch.manual_seed(tcfg.seed)
+    train_set = dataset_cls("train", r["n_train"], lang=r["lang"], image_size=pre.config.image_size,
+                            cache_images=True)
+    test_set = dataset_cls("test", r["n_eval"], lang=r["lang"], image_size=pre.config.image_size)
+    before = evaluate_classifier(model, test_set)
+    run = finetune_classifier(model, train_set, tcfg)
+    model.eval()
+    ev = evaluate_classifier(model, test_set)
+    hist = run.result.history
+    metrics = {"test_acc": _r4(ev.accuracy), "majority": _r4(ev.majority), "before_acc": _r4(before.accuracy),
+               **{f"test_acc_{k}": _r4(v) for k, v in ev.per_kind.items()}, "n_eval": ev.n,
+               "float16_test_acc": _r4(evaluate_classifier(rounded_to_half(model).eval(), test_set).accuracy),
+               "steps": tcfg.steps, "first_loss": _r4(hist[0]["loss"]),
+               "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
+               "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
+               "torch_threads": torch.get_num_threads()}
+    save_half(out_dir, model, step=tcfg.steps, train_config=tcfg, history=_history(hist, 25))
+    return metrics
+
+
+@recipe("mplug-tiny-snli-ve", "mPLUG tiny SNLI-VE (mPLUG §5.2.5): entailment / neutral / contradiction from the fused "
+        "[CLS], no decoder", config="mplug-tiny-snli-ve", needs=("mplug-tiny-pretrained",))
+def train_mplug_tiny_snli_ve(out_dir: Path, fast: bool) -> dict:
+    return _classifier_recipe(out_dir, fast, 3, 1, EntailmentDataset)
+
+
+@recipe("mplug-tiny-nlvr2", "mPLUG tiny NLVR2 (mPLUG §5.2.5): is a statement about two images true; the images' tokens "
+        "concatenated", config="mplug-tiny-nlvr2", needs=("mplug-tiny-pretrained",))
+def train_mplug_tiny_nlvr2(out_dir: Path, fast: bool) -> dict:
+    return _classifier_recipe(out_dir, fast, 2, 2, PairDataset)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mplug-tiny-stride-sweep: Figure 3 on the world (histories, not weights)
+# ---------------------------------------------------------------------------------------------------------
+
+SWEEP = dict(strides=(1, 2, 3, 6), co_layers=6,
+             vqa=dict(n_scenes=6000, image_size=64, lang="both"),
+             train=dict(steps=300, batch_size=64, lr=1e-3, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
+                        mixed_precision="no", log_every=50, seed=0, progress_bar=False),
+             n_eval=150, timing_batch=8, timing_repeats=5)
+SWEEP_FAST = dict(SWEEP, vqa=dict(SWEEP["vqa"], n_scenes=800), train=dict(SWEEP["train"], steps=20, warmup_steps=5),
+                  n_eval=24, timing_repeats=1)
+SWEEP_FILE = "sweep.json"
+
+
+def sweep_model(pretrained, stride: int, co_layers: int = 6):
+    """The stride-sweep model for ``stride``: mplug-tiny with ``co_layers`` co-attention layers and a connected layer
+    after every ``stride`` of them (``skip_layout="blocks"``); the visual and text encoders, the decoder and the heads
+    copied from ``pretrained``, the fusion network fresh (its layout differs for every S)."""
+    return pretrained.with_config(fusion="skip", skip_layout="blocks", fusion_layers=co_layers, stride=stride,
+                                  momentum_encoders=False)
+
+
+@recipe("mplug-tiny-stride-sweep", "mPLUG Figure 3 on the world: the stride S = 1, 2, 3, 6 (6 co-attention layers, a "
+        "connected layer after every S), fusion forward time and VQA accuracy after the same fine-tuning",
+        kind="mplug-sweep", needs=("mplug-tiny-pretrained",))
+def train_mplug_tiny_stride_sweep(out_dir: Path, fast: bool) -> dict:
+    r = SWEEP_FAST if fast else SWEEP
+    c0 = time.process_time()
+    pre = hub.load("mplug-tiny-pretrained")
+    timing = stride_times(pre.config, **WORLD_LENGTHS, strides=r["strides"], co_layers=r["co_layers"],
+                          batch=r["timing_batch"], repeats=r["timing_repeats"])
+    runs = {}
+    for s in r["strides"]:
+        torch.manual_seed(0)
+        model = sweep_model(pre, s, r["co_layers"]).train()
+        tcfg = TrainConfig(**r["train"])
+        run = finetune_vqa(model, VQAConfig(**r["vqa"]), tcfg, n_eval=r["n_eval"])
+        runs[str(s)] = {"accuracy": run.eval.accuracy, "per_type": run.eval.per_type,
+                        "history": [{"step": h["step"], "loss": round(h["loss"], 4),
+                                     "answer_acc": round(h["answer_acc"], 4)} for h in run.result.history],
+                        "cpu_seconds": round(run.cpu_seconds, 1),
+                        "params": model.parameter_counts()["fusion"],
+                        "seconds_per_100": timing["seconds_per_100"][s], "plan": list(timing["plans"][s])}
+    out = {"strides": list(r["strides"]), "co_layers": r["co_layers"], "train": r["train"], "vqa": r["vqa"],
+           "lengths": WORLD_LENGTHS, "runs": runs}
+    (Path(out_dir) / SWEEP_FILE).write_text(json.dumps(out, indent=1))
+    metrics = {f"S{s}_acc": _r4(v["accuracy"]) for s, v in runs.items()}
+    metrics.update({f"S{s}_seconds_per_100": _r4(v["seconds_per_100"]) for s, v in runs.items()},
+                   cpu_seconds=round(time.process_time() - c0, 1), torch_threads=torch.get_num_threads())
+    return metrics
+
+
+def _load_sweep(folder, device="cpu") -> dict:
+    return json.loads((Path(folder) / SWEEP_FILE).read_text())
+
+
+register_loader("mplug-sweep", _load_sweep)
