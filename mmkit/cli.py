@@ -65,15 +65,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import mmkit.zoo as zoo
     from mmkit.hub import cache_root
 
+    if args.recipe and (args.recipe.endswith((".yaml", ".yml")) or Path(args.recipe).is_file()):
+        return _train_run_config(args)
+    if args.rest:
+        raise ValueError(f"unexpected arguments {args.rest}: key=value overrides follow a run config "
+                         "(mmkit train RUN.yaml train.steps=10), not a recipe name")
     if args.list or not args.recipe:
         for name in zoo.recipe_names():
             print(f"{name:<28} {zoo.get_recipe(name).description}")
+        print("\nrun tasks (mmkit train RUN.yaml; scaled/configs/runs/):")
+        for name in zoo.registry.run_task_names():
+            print(f"{name:<28} {zoo.registry.run_task(name).description}")
         return 0
     out = Path(args.out) if args.out else cache_root() / (f"{args.recipe}@fast" if args.fast else args.recipe)
     metrics = zoo.run_recipe(args.recipe, out, fast=args.fast, overwrite=args.overwrite)
     print(f"wrote {out}")
     for k, v in metrics.items():
         print(f"  {k}: {v}")
+    return 0
+
+
+def _train_run_config(args: argparse.Namespace) -> int:
+    """`mmkit train RUN.yaml [key=value ...]`: a run config (mmkit.runs) under whatever launcher started this process."""
+    import mmkit.hub as hub
+    import mmkit.zoo as zoo
+    from mmkit.runs import describe_run, load_run_config, run, world_info
+    from mmkit.train import end_training
+
+    cfg = load_run_config(args.recipe, args.rest)
+    if args.out:
+        cfg.out_dir = str(Path(args.out).resolve())
+    if args.dry_run:
+        print(describe_run(cfg))
+        return 0
+    init_dir = None
+    if cfg.init_from is not None:
+        p = Path(cfg.init_from)
+        if p.exists():
+            init_dir = p
+        elif "/" not in cfg.init_from and cfg.init_from in zoo.recipe_names():
+            init_dir = hub.checkpoint_dir(cfg.init_from)          # a hub name: shipped / cached / trained once
+        else:
+            raise ValueError(f"init_from {cfg.init_from!r} is neither a folder nor a checkpoint name; run the previous "
+                             "stage first (its out_dir), or name a checkpoint (mmkit train --list)")
+    result = run(cfg, load=zoo.load, init_dir=init_dir)
+    rank, _ = world_info()
+    if rank == 0:
+        r = result.result
+        last = r.history[-1] if r is not None and r.history else {}
+        print(f"trained {cfg.task} ({result.parameters:,} parameters on this process, {result.strategy}, "
+              f"{result.world_size} process(es)): step {last.get('step')}, loss {last.get('loss')}")
+        if r is not None and r.checkpoint:
+            print(f"checkpoint {r.checkpoint}")
+    end_training()
     return 0
 
 
@@ -141,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=_cmd_world)
 
     t = sub.add_parser("train", help="run a recipe into a checkpoint folder (list them with --list)")
-    t.add_argument("recipe", nargs="?", help="recipe name, e.g. tokenizer-world")
+    t.add_argument("recipe", nargs="?", help="recipe name, e.g. tokenizer-world, or a run config "
+                   "(scaled/configs/runs/*.yaml) followed by key=value overrides")
+    t.add_argument("rest", nargs="*", help="run config overrides, e.g. train.steps=10 out_dir=/tmp/run")
+    t.add_argument("--dry-run", action="store_true", help="run config: print what it would train, train nothing")
     t.add_argument("--out", help="output folder (default: the hub cache, $MMKIT_CACHE or ~/.cache/mmkit)")
     t.add_argument("--fast", action="store_true", help="the recipe's short path (what CI uses)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

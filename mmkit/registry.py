@@ -14,6 +14,7 @@ Who fills what:
     register_preset("m6-tiny", lambda: M6Config())    # name -> config factory
     register_recipe(Recipe("m6-tiny-vqa", "...", train_fn, config="m6-tiny"))
     register_vqa_model(VQAModelEntry(...))            # what apps/vqa.py offers
+    register_run_task(RunTask("m6-pretrain", "...", build_fn, model="m6-base"))   # what a run config's task names
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ __all__ = [
     "Recipe", "register_recipe", "recipe", "get_recipe", "recipe_names",
     "register_loader", "loader",
     "LoadsOnce", "VQAModelEntry", "register_vqa_model", "vqa_entries", "T2IModelEntry", "register_t2i_model", "t2i_entries",
-    "SYSTEMS", "missing_hint",
+    "SYSTEMS", "missing_hint", "RunTask", "register_run_task", "run_task", "run_task_names",
 ]
 
 # The systems the kit teaches, as packages of mmkit; mmkit.zoo imports them all.
@@ -116,6 +117,38 @@ def get_recipe(name: str) -> Recipe:
 
 def recipe_names() -> list[str]:
     return sorted(_RECIPES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run tasks: what a run config (scaled/configs/runs/*.yaml, mmkit.runs) trains
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunTask:
+    name: str                                   # what a run config's ``task:`` names, e.g. "m6-pretrain"
+    description: str                            # one line, shown by `mmkit train --list`
+    build: Callable[..., Any]                   # (model config, task options dict, RunContext) -> mmkit.runs.RunParts
+    model: str | None = None                    # preset of the full-size model it trains by default
+    options: Any = None                         # the dataclass of its options (``task_options:``), for checks and docs
+
+
+_RUN_TASKS: dict[str, RunTask] = {}
+
+
+def register_run_task(task: RunTask) -> RunTask:
+    _RUN_TASKS[task.name] = task
+    return task
+
+
+def run_task(name: str) -> RunTask:
+    if name not in _RUN_TASKS:
+        raise KeyError(f"no run task named {name!r}; available: {run_task_names()}. If it belongs to a system that is "
+                       f"not imported yet, {missing_hint()}")
+    return _RUN_TASKS[name]
+
+
+def run_task_names() -> list[str]:
+    return sorted(_RUN_TASKS)
 
 
 # ---------------------------------------------------------------------------------------------------------

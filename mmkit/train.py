@@ -47,6 +47,23 @@ save never leaves a half-written checkpoint):
 * ``training_state.pt`` - optimizer, LR scheduler and RNG states: tensors and plain Python values only, loaded
   back with ``torch.load(weights_only=True)``;
 * ``trainer_state.json`` - step, the TrainConfig, the loss/metric/eval history.
+
+Several processes write one checkpoint together when the state is sharded (the checkpoint folder must then be on a
+file system every process sees, as on any cluster):
+
+* expert parallelism (:class:`mmkit.nn.moe.ExpertParallelMoE`, M6 §3.4): ``model.safetensors`` holds the replicated
+  weights only; every rank writes its experts to ``model-expert-shard-RRRRR-of-WWWWW.safetensors`` and its optimizer
+  state to ``optimizer-shard-RRRRR-of-WWWWW.pt``. Loading re-assembles the experts each module holds from the shards
+  (any number of processes that divides the experts, one process included); the optimizer shards need the same
+  number of processes;
+* FSDP and DeepSpeed (chosen by the launcher: ``accelerate launch --config_file ...``, see ``scaled/``):
+  ``model.safetensors`` holds the full weights (gathered with ``accelerator.get_state_dict``) and ``sharded/`` what
+  ``accelerator.save_state`` writes (each rank's optimizer shard), which resume reads back with ``load_state``.
+
+Strategies on a CPU. Accelerate turns FSDP and DeepSpeed on for GPUs only. When no GPU is present and the launcher
+asked for one of them (``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``, as ``accelerate launch`` sets them from
+its config file) on several processes, :func:`train` builds the accelerator on gloo and switches it to that strategy,
+so accelerate's own FSDP / DeepSpeed code runs here exactly as it would on GPUs (``tests/test_scaled.py``).
 """
 from __future__ import annotations
 
@@ -72,18 +89,32 @@ from mmkit.config import config_to_dict
 from mmkit.hub import CheckpointError, load_weights, read_json, verify_checkpoint
 from mmkit.io import atomic_write_json, make_tmp_dir, recover_dir, replace_dir, share_files
 from mmkit.nn.modes import evaluating  # noqa: F401  (re-exported: tasks evaluate models with it)
+from mmkit.nn.moe import ExpertParallelMoE, MoEFeedForward
 
 __all__ = [
     "TrainConfig", "TrainResult", "train", "lr_factor", "default_param_groups", "local_clip_fn",
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
-    "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints",
+    "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
+    "expert_param_names",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 STATE_NAME = "training_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
+SHARDED_STATE_DIR = "sharded"              # accelerator.save_state under FSDP / DeepSpeed
+_EXPERT_SHARD_RE = re.compile(r"^model-expert-shard-(\d{5})-of-(\d{5})\.safetensors$")
+_OPT_SHARD_RE = re.compile(r"^optimizer-shard-(\d{5})-of-(\d{5})\.pt$")
+
+
+def expert_shard_name(rank: int, world: int) -> str:
+    """File of rank ``rank``'s experts in a checkpoint written by ``world`` expert-parallel processes."""
+    return f"model-expert-shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _optimizer_shard_name(rank: int, world: int) -> str:
+    return f"optimizer-shard-{rank:05d}-of-{world:05d}.pt"
 
 # --- mixed precision ------------------------------------------------------------------------------------
 # `mixed_precision="auto"` on a CPU: bf16 autocast when the CPU has native bf16 matmuls (AVX-512 BF16 or AMX)
@@ -479,7 +510,8 @@ def _json_safe(obj: Any) -> Any:
 def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, *, step: int = 0, train_config: TrainConfig | None = None,
                     history: list[dict] | None = None, evals: list[dict] | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, state_dict: dict | None = None, exclude: list[str] | tuple = (),
+                    tmp_dir: str | Path | None = None) -> Path:
     """Write a checkpoint folder atomically (see module doc); returns its path. Call it on ONE process.
 
     With only ``model`` it writes a plain model checkpoint (``model.safetensors`` + ``config.json`` +
@@ -489,17 +521,26 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     copy complete), then :func:`mmkit.io.replace_dir` swaps it in (rolled back on error). A process killed between
     the two renames of that swap leaves no ``checkpoint-N`` for a moment: :func:`latest_checkpoint` puts the
     complete copy back, so ``resume_from="auto"`` never silently restarts at step 0.
+
+    Several processes (see the module doc): ``state_dict`` gives the weights to write (the full ones gathered from
+    FSDP / DeepSpeed shards) instead of ``model``'s; ``exclude`` names weights left out of ``model.safetensors``
+    (expert shards the ranks wrote); ``tmp_dir`` is the folder, made by :func:`mmkit.io.make_tmp_dir` beside
+    ``ckpt_dir``, into which the other ranks already wrote their files.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     ckpt_dir = Path(ckpt_dir)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise FileExistsError(f"{ckpt_dir} is a file; a checkpoint is a folder")
     raw = unwrap(model)
-    recover_dir(ckpt_dir, _is_complete_checkpoint)     # leftovers of a killed earlier save: put back / delete
-    tmp = make_tmp_dir(ckpt_dir)
+    if tmp_dir is None:
+        recover_dir(ckpt_dir, _is_complete_checkpoint)     # leftovers of a killed earlier save: put back / delete
+    tmp = make_tmp_dir(ckpt_dir) if tmp_dir is None else Path(tmp_dir)
     try:
-        save_model(raw, str(tmp / WEIGHTS_NAME))
+        if state_dict is None and not exclude:
+            save_model(raw, str(tmp / WEIGHTS_NAME))
+        else:
+            save_file(_deduplicated(raw, state_dict, set(exclude)), str(tmp / WEIGHTS_NAME))
         cfg_dict = _model_config_dict(raw)
         if cfg_dict is not None:
             atomic_write_json(tmp / CONFIG_NAME, _json_safe(cfg_dict))
@@ -510,9 +551,10 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
             if scheduler is not None:
                 state["scheduler"] = scheduler.state_dict()
             torch.save(state, tmp / STATE_NAME)
-        for f in tmp.iterdir():                        # data on disk before the marker and the rename
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):                       # data on disk before the marker and the rename
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         share_files(tmp)                               # safetensors writes 0600 files; checkpoints are shared
         atomic_write_json(tmp / TRAINER_STATE_NAME, _json_safe({      # last: the copy is complete
             "format": "mmkit-checkpoint-1",
@@ -526,6 +568,94 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)         # only left when something above failed
     return ckpt_dir
+
+
+def _deduplicated(raw: nn.Module, state_dict: dict | None, exclude: set) -> dict:
+    """Weights to write: ``state_dict`` (or the model's), contiguous CPU tensors, tied weights once (as
+    ``safetensors.torch.save_model`` stores them), without the ``exclude`` names."""
+    sd = raw.state_dict() if state_dict is None else state_dict
+    seen, drop = {}, set()
+    for name, p in raw.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            drop.add(name)                                  # a tied copy of seen[id(p)]
+        else:
+            seen[id(p)] = name
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop and k not in exclude}
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    """Names of the expert weights of every Mixture-of-Experts layer in ``model`` (``...experts.w_in`` ...)."""
+    names = []
+    for mod_name, mod in unwrap(model).named_modules():
+        if isinstance(mod, MoEFeedForward):
+            prefix = f"{mod_name}.experts." if mod_name else "experts."
+            names += [prefix + n for n, _ in mod.experts.named_parameters()]
+    return names
+
+
+def _expert_ranges(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """{expert weight name: (first, stop, n_experts)}: which of the layer's experts this process holds."""
+    out = {}
+    for mod_name, mod in unwrap(model).named_modules():
+        if isinstance(mod, MoEFeedForward):
+            prefix = f"{mod_name}.experts." if mod_name else "experts."
+            r = mod.local_experts
+            for n, _ in mod.experts.named_parameters():
+                out[prefix + n] = (r.start, r.stop, mod.config.n_experts)
+    return out
+
+
+def _save_rank_shards(tmp: Path, raw: nn.Module, optimizer, experts: list[str], rank: int, world: int) -> None:
+    """Expert parallelism: this rank's experts and optimizer state (its experts' moments + the replicated ones)."""
+    from safetensors.torch import save_file
+
+    params = dict(raw.named_parameters())
+    ranges = _expert_ranges(raw)
+    meta = {"rank": str(rank), "world_size": str(world)}
+    for n in experts:
+        meta[n] = f"{ranges[n][0]}:{ranges[n][1]}:{ranges[n][2]}"
+    save_file({n: params[n].detach().cpu().contiguous() for n in experts}, str(tmp / expert_shard_name(rank, world)),
+              metadata=meta)
+    opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer   # accelerate's wrapper
+    torch.save(opt.state_dict(), tmp / _optimizer_shard_name(rank, world))
+
+
+def _shard_files(ckpt_dir: Path, pattern: re.Pattern) -> list[tuple[int, int, Path]]:
+    return sorted((int(m.group(1)), int(m.group(2)), f) for f in ckpt_dir.iterdir() if (m := pattern.match(f.name)))
+
+
+def _load_expert_shards(raw: nn.Module, ckpt_dir: Path, names: set, hint: str) -> None:
+    """Fill the expert weights ``names`` of ``raw`` from the ranks' shard files, whatever split this process holds:
+    rows ``[first, stop)`` of a layer's experts are cut from the shards that cover them."""
+    from safetensors import safe_open
+
+    shards = _shard_files(ckpt_dir, _EXPERT_SHARD_RE)
+    worlds = {w for _, w, _ in shards}
+    if len(worlds) != 1 or [r for r, _, _ in shards] != list(range(next(iter(worlds)))):
+        raise CheckpointError(f"{ckpt_dir}: the expert shards {[f.name for _, _, f in shards]} are not one complete "
+                              f"set (model-expert-shard-R-of-W for every R < W); {hint}")
+    ranges = _expert_ranges(raw)
+    params = dict(raw.named_parameters())
+    with torch.no_grad():
+        for name in sorted(names):
+            first, stop, m = ranges[name]
+            pieces = []
+            for r, w, f in shards:
+                per = m // w
+                lo, hi = max(first, r * per), min(stop, (r + 1) * per)
+                if lo >= hi:
+                    continue
+                with safe_open(str(f), framework="pt") as fh:
+                    if name not in fh.keys():
+                        raise CheckpointError(f"{f} holds no {name}: it was saved from another model; {hint}")
+                    pieces.append(fh.get_slice(name)[lo - r * per:hi - r * per])
+            full = torch.cat(pieces) if pieces else None
+            p = params[name]
+            if full is None or tuple(full.shape) != tuple(p.shape):
+                raise CheckpointError(f"{ckpt_dir}: the expert shards give {name} the shape "
+                                      f"{None if full is None else tuple(full.shape)}, the model holds "
+                                      f"{tuple(p.shape)}; {hint}")
+            p.copy_(full.to(p.dtype))
 
 
 def _is_complete_checkpoint(d: Path) -> bool:
@@ -549,7 +679,19 @@ def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     device = next((p.device for p in raw.parameters()), torch.device("cpu"))
     hint = (f"delete {ckpt_dir} (resume then starts from the checkpoint before it) or train again without "
             "resume_from")
-    load_weights(raw, weights, str(device), hint=hint)
+    if _shard_files(ckpt_dir, _EXPERT_SHARD_RE):        # expert parallelism: replicated weights + expert shards
+        from safetensors.torch import load_model
+        experts = set(expert_param_names(raw))
+        try:
+            missing, unexpected = load_model(raw, str(weights), strict=False, device=str(device))
+        except Exception as e:                          # truncated / damaged / another model: as load_weights says
+            raise CheckpointError(f"{weights} cannot be loaded ({type(e).__name__}: {str(e)[:160]}); {hint}") from None
+        if set(missing) != experts or unexpected:
+            raise CheckpointError(f"{weights} does not match {type(raw).__name__}: missing {sorted(set(missing) - experts)[:5]}, "
+                                  f"unexpected {sorted(unexpected)[:5]}, expert weights {len(experts)}; {hint}")
+        _load_expert_shards(raw, ckpt_dir, experts, hint)
+    else:
+        load_weights(raw, weights, str(device), hint=hint)
     ts_file = ckpt_dir / TRAINER_STATE_NAME
     trainer_state = read_json(ts_file, "trainer state", hint) if ts_file.exists() else {"step": 0}
     if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step", 0), int):
@@ -567,6 +709,20 @@ def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
                 from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:   # truncated / damaged
             raise CheckpointError(f"{st_file} cannot be read ({type(e).__name__}: {str(e)[:120]}); {hint}") from None
+        if optimizer is not None and "optimizer" not in state:   # written per rank (expert parallelism)
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            shards = _shard_files(ckpt_dir, _OPT_SHARD_RE)
+            mine = ckpt_dir / _optimizer_shard_name(rank, world)
+            if not mine.exists():
+                raise CheckpointError(f"{ckpt_dir} holds the optimizer states of {len(shards)} process(es) "
+                                      f"({', '.join(f.name for _, _, f in shards[:2])}...), not of rank {rank} of "
+                                      f"{world}: resume with the number of processes that wrote it, or start a new "
+                                      "run from its weights (init_from)")
+            try:
+                state["optimizer"] = torch.load(mine, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+                raise CheckpointError(f"{mine} cannot be read ({type(e).__name__}); {hint}") from None
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -640,18 +796,97 @@ def end_training() -> None:
 
 
 # --- the loop -----------------------------------------------------------------------------------------
+def launcher_strategy() -> str:
+    """The strategy the launcher asked for: "deepspeed", "fsdp" or "ddp" (what ``accelerate launch --config_file``
+    sets in the environment; ``torchrun`` / ``srun`` alone mean data parallelism)."""
+    def on(name: str) -> bool:
+        return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if on("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    return "ddp"
+
+
+def _world_size_from_env() -> int:
+    for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 1
+
+
 def _make_accelerator(precision: str, cfg: TrainConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
 
     # accelerate keeps one process-wide state and refuses a new mixed-precision setting for it; a notebook that
     # calls train() first with "no" and then with "bf16" needs it reset (the process group, if any, is kept).
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != precision:
         AcceleratorState._reset_state()
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
-                       gradient_accumulation_steps=cfg.grad_accum_steps,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)])
+    kw = dict(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)])
+    strategy = launcher_strategy()
+    if torch.cuda.is_available() or strategy == "ddp" or _world_size_from_env() < 2:
+        return Accelerator(cpu=not torch.cuda.is_available(), **kw)
+    return _cpu_accelerator_for(strategy, precision, kw, AcceleratorState, PartialState)
+
+
+def _cpu_accelerator_for(strategy: str, precision: str, kw: dict, AcceleratorState, PartialState):
+    """An accelerator on gloo (CPU) running accelerate's FSDP or DeepSpeed code (see the module doc).
+
+    Accelerate only selects these strategies for GPU processes; here the state built for CPU processes is switched to
+    them, with the plugin accelerate itself builds from the launcher's environment."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+
+    if strategy == "deepspeed":
+        import deepspeed.ops
+        # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op (~1-3 min) when its comm backend starts;
+        # it only speeds up CPU inference collectives, and gloo does them here, so it is marked unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        plugin = DeepSpeedPlugin()
+        acc = Accelerator(cpu=True, deepspeed_plugin=plugin, **kw)
+        kind = DistributedType.DEEPSPEED
+    else:
+        plugin = FullyShardedDataParallelPlugin()
+        acc = Accelerator(cpu=True, fsdp_plugin=plugin, **kw)
+        kind = DistributedType.FSDP
+    if acc.num_processes < 2:
+        raise RuntimeError(f"the launcher asked for {strategy} but this process sees {acc.num_processes} process(es); "
+                           "launch several (torchrun --nproc_per_node N, or accelerate launch on GPUs)")
+    for st in (PartialState(), acc.state):          # both shared states: AcceleratorState() copies PartialState's
+        st.distributed_type = kind
+        st.device = torch.device("cpu")
+    if strategy == "deepspeed":
+        acc.state.deepspeed_plugins = plugin
+        plugin.set_mixed_precision(precision)
+        plugin.select(_from_accelerator_state=True)
+        acc.state._mixed_precision = "no"            # DeepSpeed casts the model itself (its bf16 section)
+    else:
+        acc.state.fsdp_plugin = plugin
+        if precision != "no":
+            plugin.set_mixed_precision(precision)
+    return acc
+
+
+def _fill_deepspeed_config(accelerator, cfg: TrainConfig, N: int) -> None:
+    """The TrainConfig is the one source of the batch, accumulation and clipping: fill DeepSpeed's "auto" values
+    from it, and refuse a config file that says otherwise."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    want = {"train_micro_batch_size_per_gpu": cfg.batch_size // (N * cfg.grad_accum_steps),
+            "gradient_accumulation_steps": cfg.grad_accum_steps,
+            "train_batch_size": cfg.batch_size,
+            "gradient_clipping": float(cfg.clip_grad_norm or 0.0)}
+    for k, v in want.items():
+        have = ds.get(k, "auto")
+        if have == "auto" or k not in ds:
+            ds[k] = v
+        elif float(have) != float(v):
+            raise ValueError(f"the DeepSpeed config sets {k}={have} but the run's TrainConfig gives {v}; write "
+                             f'"{k}": "auto" in the DeepSpeed JSON (the TrainConfig decides it)')
+    if "zero_optimization" in ds and ds["zero_optimization"].get("stage") == 3:
+        ds["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
 
 
 def _reduce_mean(accelerator, values: list[float]) -> list[float]:
@@ -713,10 +948,22 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = _make_scheduler(optimizer, cfg)
 
+    from accelerate.utils import DistributedType
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and any(isinstance(m, ExpertParallelMoE) for m in model.modules()):
+        raise ValueError(f"expert parallelism shards the experts itself and runs under DDP; launch it without "
+                         f"{accelerator.distributed_type.value} (torchrun / srun / accelerate launch --multi_gpu)")
+    if sharded and clip_fn is not None:
+        raise ValueError(f"clip_fn is not supported under {accelerator.distributed_type.value} (the gradients are "
+                         "sharded); use cfg.clip_grad_norm")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _fill_deepspeed_config(accelerator, cfg, N)
+
     start, history, evals = 0, [], []
     ckpt = _resolve_resume(resume_from, cfg) if resume_from is not None else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        # sharded strategies: the optimizer shards are read by accelerator.load_state once the model is wrapped
+        state = load_checkpoint(ckpt, model, None if sharded else optimizer, scheduler)
         start, history, evals = int(state["step"]), list(state.get("history", [])), list(state.get("evals", []))
         old = state.get("train_config") or {}
         changed = [k for k in ("seed", "batch_size", "steps", "lr", "warmup_steps", "min_lr_ratio")
@@ -731,6 +978,12 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
     dmodel, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(dmodel, keep_fp32_wrapper=False)
     dmodel.train()
+    if ckpt is not None and sharded:
+        if not (Path(ckpt) / SHARDED_STATE_DIR).is_dir():
+            raise FileNotFoundError(f"{ckpt} holds no {SHARDED_STATE_DIR}/ folder of optimizer shards, so a "
+                                    f"{accelerator.distributed_type.value} run cannot resume from it; start a new run "
+                                    "from its weights instead (init_from in a run config)")
+        accelerator.load_state(str(Path(ckpt) / SHARDED_STATE_DIR))
 
     main = accelerator.is_main_process
     bar = tqdm(total=end, initial=min(start, end), desc="train", dynamic_ncols=True,
@@ -753,9 +1006,27 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
     def checkpoint(step: int) -> str:
         path = Path(cfg.out_dir) / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
+        experts = expert_param_names(raw) if N > 1 else []
+        full = accelerator.get_state_dict(dmodel) if sharded else None      # a collective: every rank takes part
+        tmp = None
+        if experts or sharded:                      # every rank writes into one folder, which the main one finishes
+            if main:
+                recover_dir(path, _is_complete_checkpoint)
+                tmp = make_tmp_dir(path)
+            box = [str(tmp) if tmp else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            tmp = Path(box[0])
+            if experts:
+                _save_rank_shards(tmp, raw, optimizer, experts, rank, N)
+            if sharded:
+                accelerator.save_state(str(tmp / SHARDED_STATE_DIR))
+            accelerator.wait_for_everyone()
         if main:
-            save_checkpoint(path, raw, optimizer, scheduler, step=step, train_config=cfg, history=history,
-                            evals=evals, extra={"num_processes": N, "mixed_precision": precision})
+            save_checkpoint(path, raw, None if experts or sharded else optimizer, scheduler, step=step,
+                            train_config=cfg, history=history, evals=evals,
+                            extra={"num_processes": N, "mixed_precision": precision,
+                                   "strategy": accelerator.distributed_type.value},
+                            state_dict=full, exclude=experts, tmp_dir=tmp)
             if cfg.keep_checkpoints:
                 for _, old in _checkpoints(Path(cfg.out_dir))[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)

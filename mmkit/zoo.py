@@ -17,7 +17,9 @@ from typing import Any
 import mmkit.hub as hub
 import mmkit.m6  # noqa: F401  (registers M6, M6-MoE, the ITM head, the text-to-image code LM and their recipes)
 import mmkit.vlmo  # noqa: F401  (registers VLMo, its downstream heads (VQA, NLVR2, image classification) and app entry)
+import mmkit.vlmo.runs  # noqa: F401  (VLMo's run tasks for scaled/: mmkit train RUN.yaml)
 import mmkit.mplug  # noqa: F401  (registers mPLUG, its classifiers and its VQA app entry)
+import mmkit.mplug.runs  # noqa: F401  (mPLUG's run tasks for scaled/: mmkit train RUN.yaml)
 import mmkit.registry as registry
 import mmkit.tokenizer  # noqa: F401  (registers the tokenizer-world recipe and the tokenizer loader)
 import mmkit.vqgan  # noqa: F401  (registers the VQGAN and its vqgan-world recipe)

@@ -9,3 +9,4 @@
 Importing the package registers M6's model types, presets, recipes and app entries (mmkit.registry).
 """
 from mmkit.m6 import apps, model, recipes  # noqa: F401  (registration)
+from mmkit.m6 import runs  # noqa: F401  (M6's run tasks for scaled/: mmkit train RUN.yaml)
