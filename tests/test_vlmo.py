@@ -16,7 +16,7 @@ from mmkit.data.text import answer_vocab
 from mmkit.nn import padding_mask
 from mmkit.vlmo.convert import load_text_weights, load_vision_weights
 from mmkit.vlmo.model import (IMAGE_TYPE, SECOND_IMAGE_TYPE, TEXT_TYPE, VLMo, VLMoConfig, VLMoForImageClassification,
-                              VLMoForNLVR2, VLMoForVQA)
+                              VLMoForNLVR2, VLMoForVQA, sincos_2d)
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -55,14 +55,14 @@ def test_tiny_preset_fits_the_world_tokenizer_and_gives_every_output(tok):
     cfg = mmkit.load_config("vlmo-tiny")
     assert len(tok) == 384 < cfg.vocab_size and (cfg.pad_token_id, cfg.mask_token_id) == (tok.pad_token_id,
                                                                                           tok.mask_token_id)
-    assert (cfg.image_size, cfg.patch_size, cfg.grid_size, cfg.n_vl_layers) == (32, 4, 8, 1)
+    assert (cfg.image_size, cfg.patch_size, cfg.grid_size, cfg.n_vl_layers) == (64, 8, 8, 1)
     torch.manual_seed(0)
     m = mmkit.build_model(cfg).eval()
     assert m.num_backbone_parameters() < 2e6
     enc = tok(["a small red circle at the top left", "三个物体"], padding="longest", return_tensors="pt")
     ids, am = enc["input_ids"], enc["attention_mask"].bool()
     assert (ids[:, 0] == tok.cls_token_id).all()                          # [T_CLS] = BERT's [CLS]
-    images = torch.rand(2, 3, 32, 32)
+    images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         img = m(images, itc=True, bool_masked_pos=torch.zeros(2, 64, dtype=torch.bool))
         txt = m(input_ids=ids, attention_mask=am, itc=True, mlm=True)
@@ -375,3 +375,55 @@ def test_errors_name_the_problem_and_the_fix():
         VLMoConfig(n_layers=2, n_vl_layers=3)
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         VLMoConfig(image_size=30, patch_size=4)
+
+
+# --- phase B: the routing table, the standard-Transformer ablation, 2-D sin-cos positions ------------------------
+
+def test_routing_table_names_the_experts_that_really_run():
+    """VLMo §3.2 hard routing, read from the modules, checked against forward hooks on every expert: in a fusion pass
+    the bottom layer sends the text to L-FFN and the image to V-FFN, the top F = 2 layers send everything to VL-FFN."""
+    m = small()
+    ids, am = text_batch(1, 4, lengths=(4,))
+    seen = []
+    hooks = [e.register_forward_hook(lambda mod, i, o, li=li, name=name: seen.append((li, name, i[0].shape[1])))
+             for li, b in enumerate(m.blocks) for name, e in (("V-FFN", b.ffn.vision), ("L-FFN", b.ffn.language),
+                                                               ("VL-FFN", b.ffn.vl)) if e is not None]
+    with torch.no_grad():
+        m(torch.rand(1, 3, 16, 16), ids, am)
+    for h in hooks:
+        h.remove()
+    table = m.routing_table("fusion", text_len=4, image_len=17)
+    assert table[0] == ["L-FFN"] * 4 + ["V-FFN"] * 17 and table[1] == table[2] == ["VL-FFN"] * 21
+    ran = {(li, name): n for li, name, n in seen}
+    assert ran == {(0, "L-FFN"): 4, (0, "V-FFN"): 17, (1, "VL-FFN"): 21, (2, "VL-FFN"): 21}
+    assert m.routing_table("vision", image_len=2) == [["V-FFN"] * 2] * 3
+    assert m.routing_table("language", text_len=3) == [["L-FFN"] * 3] * 3
+    with pytest.raises(ValueError, match="unknown route"):
+        m.routing_table("audio")
+
+
+def test_standard_transformer_ablation_has_one_ffn_for_every_route():
+    """Table 5 "Std TRM": multiway=False keeps one FFN (stored as the vision expert) that every token of every route
+    meets; a Multiway checkpoint's attention + V-FFN load into it unchanged (only L-FFN / VL-FFN are left out)."""
+    std = small(multiway=False)
+    assert all(b.ffn.language is None and b.ffn.vl is None for b in std.blocks) and list(std.config.vl_layers) == []
+    assert std.routing_table("fusion", 2, 3) == [["FFN"] * 5] * 3
+    h = torch.randn(2, 5, 32)
+    torch.testing.assert_close(std.blocks[0].ffn(h, "fusion", 2), std.blocks[0].ffn.vision(h))
+    torch.testing.assert_close(std.blocks[0].ffn(h, "language"), std.blocks[0].ffn.vision(h))
+    missing, unexpected = std.load_state_dict(small().state_dict(), strict=False)
+    assert missing == [] and unexpected and all(".language." in k or ".vl." in k for k in unexpected)
+
+
+def test_sincos_2d_positions_hand_case_and_model_init():
+    # grid 2, D = 4: one frequency (1.0); row r, column c -> [sin r, cos r, sin c, cos c] in raster order
+    s1, c1 = torch.sin(torch.tensor(1.0)), torch.cos(torch.tensor(1.0))
+    want = torch.tensor([[0, 1, 0, 1], [0, 1, s1, c1], [s1, c1, 0, 1], [s1, c1, s1, c1]])
+    torch.testing.assert_close(sincos_2d(2, 4), want)
+    m = VLMo(replace_config(SMALL, image_pos_init="sincos2d"))
+    pos = m.image_embed.pos_embed.weight
+    assert torch.equal(pos[0], torch.zeros(32)) and torch.equal(pos[1:], sincos_2d(4, 32))   # [I_CLS] gets 0
+    with pytest.raises(ValueError, match="image_pos_init"):
+        VLMoConfig(image_pos_init="learned")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 6)

@@ -12,7 +12,7 @@ from mmkit.train import TrainConfig
 from mmkit.vlmo.masking import block_mask, block_masks, n_masked_patches
 from mmkit.vlmo.model import IMAGE_TYPE, SECOND_IMAGE_TYPE, TEXT_TYPE, VLMo, VLMoConfig, VLMoForVQA
 from mmkit.vlmo.tasks.pretrain import (STAGE_TRAINS, ImageData, PairData, PretrainConfig, TextData, copy_expert,
-                                       mim_codes, mlm_inputs, prepare_stage, run_stage, vl_losses)
+                                       mim_codes, mlm_inputs, prepare_stage, run_stage, same_slice, vl_losses)
 from mmkit.vqgan.model import VQGAN, VQGANConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,3 +202,28 @@ def test_stage3_loss_is_itc_plus_itm_on_the_drawn_pairs_plus_fusion_mlm(stage_da
     torch.testing.assert_close(r.mlm, mlm)
     torch.testing.assert_close(r.loss, itc.loss + 0.5 * itm + 2.0 * mlm)
     assert {"itc", "itm", "mlm", "i2t_acc", "t2i_acc", "itm_acc", "mlm_acc", "logit_scale"} <= set(r.metrics)
+
+
+def test_local_negative_pool_draws_within_each_slice(stage_data):
+    """VLMo Table 6: "local" hard negatives come only from the example's own process (here emulated as 4 slices of a
+    batch of 8); with 2 pairs per slice the only candidate is the slice's other pair, so the draw is known exactly."""
+    assert same_slice(4, 2).tolist() == [[True, True, False, False], [True, True, False, False],
+                                         [False, False, True, True], [False, False, True, True]]
+    with pytest.raises(ValueError, match="equal slices"):
+        same_slice(6, 4)
+    torch.manual_seed(0)
+    model = VLMo(CFG).eval()
+    batch = stage_data[3].batch(range(8), torch.Generator().manual_seed(3))          # 8 different pairs
+    assert len(set(batch["pair_ids"].tolist())) == 8
+    partner = [1, 0, 3, 2, 5, 4, 7, 6]
+    with torch.no_grad():
+        local = vl_losses(model, batch, PretrainConfig(negative_pool="local", local_groups=4))
+        assert local.text_for_image.tolist() == partner and local.image_for_text.tolist() == partner
+        drawn = set()                                           # the global pool reaches outside the slice
+        for seed in range(4):
+            r = vl_losses(model, dict(batch, negative_seed=seed), PretrainConfig(negative_pool="global"))
+            drawn |= {(b, int(j)) for b, j in enumerate(r.text_for_image)}
+    assert any(j // 2 != b // 2 for b, j in drawn)
+    for bad in (dict(negative_pool="nearby"), dict(local_groups=0)):
+        with pytest.raises(ValueError):
+            PretrainConfig(**bad)

@@ -149,7 +149,7 @@ def test_answers_come_from_the_question_language_with_probabilities_and_a_heat_m
 
 def test_vqa_app_entry_matches_the_m6_signatures_and_waits_for_its_checkpoint():
     entry = next(e for e in vqa_entries() if e.checkpoint == "vlmo-tiny-vqa")
-    assert entry.answer is vqa.answer and entry.heatmap is vqa.answer_heatmap and entry.image_size == 32
+    assert entry.answer is vqa.answer and entry.heatmap is vqa.answer_heatmap and entry.image_size == 64
     for ours, theirs in ((vqa.answer, m6_vqa.answer), (vqa.answer_heatmap, m6_vqa.answer_heatmap)):
         assert list(inspect.signature(ours).parameters)[:4] == list(inspect.signature(theirs).parameters)[:4]
     if mmkit.hub.find_checkpoint("vlmo-tiny-vqa") is None:                         # phase B trains it

@@ -64,7 +64,7 @@ from mmkit.registry import register_model, register_preset
 
 __all__ = ["VLMoConfig", "VLMo", "VLMoOutput", "Expert", "MultiwayFFN", "ROUTES", "TEXT_TYPE", "IMAGE_TYPE",
            "SECOND_IMAGE_TYPE", "VLMoVQAConfig", "VLMoForVQA", "VLMoNLVR2Config", "VLMoForNLVR2",
-           "VLMoImageClsConfig", "VLMoForImageClassification", "BASE", "LARGE"]
+           "VLMoImageClsConfig", "VLMoForImageClassification", "BASE", "LARGE", "sincos_2d"]
 
 # Modality type ids (VLMo §3.1 T_type, V_type); NLVR2 gives its second image a type of its own (official code).
 TEXT_TYPE, IMAGE_TYPE, SECOND_IMAGE_TYPE = 0, 1, 2
@@ -92,6 +92,8 @@ class VLMoConfig:
     n_layers: int = 4              # L blocks (Base 12, Large 24)
     n_heads: int = 4               # attention heads (Base 12, Large 16)
     d_ff: int = 512                # hidden width of every expert FFN: 4 * D as ViT / BEiT (official "FFN factor=4x")
+    multiway: bool = True          # False: a standard Transformer, ONE FFN for every token of every route (Table 5
+                                   # "Std TRM" ablation; stored as the vision expert, so a stage-1 checkpoint loads)
     n_vl_layers: int = 1           # F: the top F layers hold a VL-FFN expert (Base 2, Large 3, §4.1). 1 of 4 here:
                                    # the same ~1/4-1/8 share of the stack, and a fusion pass still mixes the
                                    # modalities in every layer through the shared attention
@@ -105,9 +107,12 @@ class VLMoConfig:
     init_std: float = 0.02         # N(0, std) init of Linear / embedding weights (BERT, BEiT); the patch projection
                                    # keeps PyTorch's conv init, as timm / the official code do
     # -- image (VLMo §3.1: ViT patches) -----------------------------------------------------------------------
-    image_size: int = 32           # images are image_size x image_size (world: 32 px for now, may move to 64)
-    patch_size: int = 4            # P: 32 / 4 = an 8x8 grid = 64 patches (+ [I_CLS]); Base/Large: 224 / 16 = 14x14
+    image_size: int = 64           # images are image_size x image_size (the kit's world images: 64 px)
+    patch_size: int = 8            # P: 64 / 8 = an 8x8 grid = 64 patches (+ [I_CLS]); Base/Large: 224 / 16 = 14x14
     in_channels: int = 3           # RGB
+    image_pos_init: str = "random"  # how the learned V_pos start: "random" (N(0, init_std), BERT / ViT) or "sincos2d"
+                                   # (the fixed 2-D sin-cos table of MAE / BEiT v2 for the patches, 0 for [I_CLS]; still
+                                   # learned afterwards): every patch knows its row and column from step 0
     image_mean: tuple = (0.5, 0.5, 0.5)  # images arrive in [0, 1]; the model feeds (x - mean) / std = [-1, 1], as BEiT
     image_std: tuple = (0.5, 0.5, 0.5)
     # -- heads -----------------------------------------------------------------------------------------------
@@ -132,11 +137,15 @@ class VLMoConfig:
         need(len(self.image_mean) == self.in_channels and len(self.image_std) == self.in_channels,
              f"image_mean / image_std need in_channels={self.in_channels} entries")
         need(self.max_text_len >= 2, "max_text_len must hold at least [T_CLS] and [T_SEP]")
+        need(self.image_pos_init in ("random", "sincos2d"),
+             f"image_pos_init must be 'random' or 'sincos2d', got {self.image_pos_init!r}")
+        need(self.image_pos_init == "random" or self.d_model % 4 == 0,
+             f"image_pos_init='sincos2d' needs d_model divisible by 4, got {self.d_model}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
     @property
     def grid_size(self) -> int:
-        """Patches per image side (8 for 32 px and P = 4): the MIM code grid must have this side too."""
+        """Patches per image side (8 for 64 px and P = 8): the MIM code grid must have this side too."""
         return self.image_size // self.patch_size
 
     @property
@@ -145,8 +154,24 @@ class VLMoConfig:
 
     @property
     def vl_layers(self) -> range:
-        """Indices of the top F layers, the ones with a VL-FFN expert."""
-        return range(self.n_layers - self.n_vl_layers, self.n_layers)
+        """Indices of the top F layers, the ones with a VL-FFN expert (none in a standard Transformer)."""
+        return range(self.n_layers - self.n_vl_layers, self.n_layers) if self.multiway else range(0)
+
+
+def sincos_2d(grid: int, d_model: int, temperature: float = 10_000.0) -> torch.Tensor:
+    """(grid * grid, D) 2-D sin-cos position table in raster order (MAE / BEiT v2): the first D/2 dims encode the
+    row, the last D/2 the column, each as sin / cos of geometrically spaced frequencies."""
+    if d_model % 4:
+        raise ValueError(f"a 2-D sin-cos table needs d_model divisible by 4, got {d_model}")
+    q = d_model // 4
+    omega = 1.0 / temperature ** (torch.arange(q, dtype=torch.float) / q)                  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float),
+                                indexing="ij")
+
+    def enc(pos):
+        a = pos.flatten()[:, None] * omega[None]                                           # (N, D/4)
+        return torch.cat([a.sin(), a.cos()], dim=1)                                        # (N, D/2)
+    return torch.cat([enc(rows), enc(cols)], dim=1)                                        # (N, D)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,23 +204,25 @@ class MultiwayFFN(nn.Module):
     * ``route="fusion"``   (an image-text pair [text; image]) -> in a layer with a VL expert, VL-FFN on every
       position; below it, L-FFN on the first ``text_len`` positions and V-FFN on the rest.
 
-    The VL expert exists only in the top F layers (``with_vl``).
+    The VL expert exists only in the top F layers (``with_vl``). ``shared=True`` is the standard Transformer of
+    Table 5 ("Std TRM"): one FFN (``self.vision``) for every position of every route, no L-FFN, no VL-FFN.
     """
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", dropout: float = 0.0, eps: float = 1e-6,
-                 with_vl: bool = False):
+                 with_vl: bool = False, shared: bool = False):
         super().__init__()
-        self.vision = Expert(d_model, d_ff, activation, dropout, eps)          # V-FFN
-        self.language = Expert(d_model, d_ff, activation, dropout, eps)        # L-FFN
-        self.vl = Expert(d_model, d_ff, activation, dropout, eps) if with_vl else None   # VL-FFN (top F layers)
+        self.shared = shared
+        self.vision = Expert(d_model, d_ff, activation, dropout, eps)          # V-FFN (the one FFN when shared)
+        self.language = None if shared else Expert(d_model, d_ff, activation, dropout, eps)        # L-FFN
+        self.vl = Expert(d_model, d_ff, activation, dropout, eps) if with_vl and not shared else None   # VL-FFN
 
     def forward(self, h: torch.Tensor, route: str = "vision", text_len: int = 0) -> torch.Tensor:
-        if route == "vision":
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; use one of {ROUTES}")
+        if route == "vision" or self.shared:
             return self.vision(h)
         if route == "language":
             return self.language(h)
-        if route != "fusion":
-            raise ValueError(f"unknown route {route!r}; use one of {ROUTES}")
         if self.vl is not None:
             return self.vl(h)                                                  # top F layers: (B, T + 1 + N, D)
         if not 0 <= text_len <= h.shape[1]:
@@ -250,7 +277,7 @@ class VLMo(nn.Module):
             TransformerBlock(D, c.n_heads, dropout=c.dropout, attn_dropout=c.attn_dropout, norm_first=True,
                              layer_norm_eps=c.layer_norm_eps, layer_scale_init=c.layer_scale_init, ffn_norm=False,
                              ffn=MultiwayFFN(D, c.d_ff, c.activation, c.dropout, c.layer_norm_eps,
-                                             with_vl=i in c.vl_layers))
+                                             with_vl=i in c.vl_layers, shared=not c.multiway))
             for i in range(c.n_layers))
         self.final_norm = nn.LayerNorm(D, eps=c.layer_norm_eps)
 
@@ -267,6 +294,10 @@ class VLMo(nn.Module):
 
         init_weights(self, std=c.init_std)
         self.image_embed.patch.proj.reset_parameters()                        # PyTorch conv init (timm / official)
+        if c.image_pos_init == "sincos2d":
+            with torch.no_grad():
+                self.image_embed.pos_embed.weight.zero_()
+                self.image_embed.pos_embed.weight[1:] = sincos_2d(c.grid_size, D)   # [I_CLS] keeps 0
         if c.tie_word_embeddings:
             self.mlm_head[-1].weight = self.text_embed.word.weight
         self.register_buffer("image_mean", torch.tensor(c.image_mean, dtype=torch.float).view(1, -1, 1, 1),
@@ -327,6 +358,29 @@ class VLMo(nn.Module):
     @property
     def grid_size(self) -> int:
         return self.config.grid_size
+
+    def routing_table(self, route: str, text_len: int = 0, image_len: int = 0) -> list[list[str]]:
+        """Which expert each position meets in each layer (VLMo §3.2 hard routing), read from the modules:
+        ``table[layer][position]`` in {"V-FFN", "L-FFN", "VL-FFN", "FFN"} ("FFN": the one shared FFN of a standard
+        Transformer). Positions are [text; image] as the fused sequence orders them (``text_len`` + ``image_len``)."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; use one of {ROUTES}")
+        n = {"vision": image_len, "language": text_len, "fusion": text_len + image_len}[route]
+        table = []
+        for block in self.blocks:
+            ffn = block.ffn
+            if ffn.shared:
+                row = ["FFN"] * n
+            elif route == "vision":
+                row = ["V-FFN"] * n
+            elif route == "language":
+                row = ["L-FFN"] * n
+            elif ffn.vl is not None:
+                row = ["VL-FFN"] * n
+            else:
+                row = ["L-FFN"] * text_len + ["V-FFN"] * image_len
+            table.append(row)
+        return table
 
     # -- embeddings (VLMo §3.1) --------------------------------------------------------------------------------
     def embed_image(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,

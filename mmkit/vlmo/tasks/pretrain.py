@@ -47,6 +47,7 @@ masked-token count of the global batch, so 2 processes compute what 1 process co
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -64,8 +65,8 @@ from mmkit.train import TrainConfig, TrainResult, freeze, train, unwrap
 from mmkit.vlmo.masking import block_masks
 
 __all__ = ["STAGES", "STAGE_TRAINS", "PretrainConfig", "StagePlan", "prepare_stage", "copy_expert", "mim_codes",
-           "mlm_inputs", "ImageData", "TextData", "PairData", "mim_loss", "text_mlm_loss", "vl_loss", "VLLosses",
-           "vl_losses", "run_stage", "StageRun", "stagewise_pretrain"]
+           "mlm_inputs", "ImageData", "TextData", "PairData", "same_slice", "mim_loss", "text_mlm_loss", "vl_loss",
+           "VLLosses", "vl_losses", "run_stage", "StageRun", "stagewise_pretrain"]
 
 STAGES: dict[int, str] = {1: "vision (image-only MIM)", 2: "language (text-only MLM)", 3: "vision-language"}
 
@@ -86,7 +87,7 @@ STAGE_TRAINS: dict[int, tuple[str, ...]] = {
 class PretrainConfig:
     # -- the world ----------------------------------------------------------------------------------------
     lang: str = "both"                 # "en", "zh" or "both" (each item draws its language from its seed)
-    image_size: int = 32               # must match the model's image_size (vlmo-tiny: 32)
+    image_size: int = 64               # must match the model's image_size (vlmo-tiny: 64)
     min_objects: int = 1               # objects per scene
     max_objects: int = 3
     # -- stage 1: BEiT masked image modelling ---------------------------------------------------------------
@@ -107,6 +108,10 @@ class PretrainConfig:
     itc_weight: float = 1.0            # stage-3 loss = weighted sum; the paper gives no weights (the official code
     itm_weight: float = 1.0            # multiplies its fusion MLM loss by 0.25)
     mlm_weight: float = 1.0
+    negative_pool: str = "global"      # where ITM hard negatives come from (Table 6): "global" = the examples of every
+                                       # process (VLMo), "local" = only those of the example's own process (ALBEF)
+    local_groups: int = 1              # "local" on ONE process: emulate this many processes by mining within equal
+                                       # slices of the batch (Table 6 at laptop scale: 4 slices of 8 of a batch of 32)
     # -- expert initialisation between stages (VLMo is silent; the §4.6 image-only ablation initialises all
     #    experts from BEiT's FFN) -----------------------------------------------------------------------------
     language_init: str | None = None   # at stage 2: None (L-FFN keeps its random init, as the official code's
@@ -118,6 +123,10 @@ class PretrainConfig:
             raise ValueError(f"lang must be 'en', 'zh' or 'both', got {self.lang!r}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.negative_pool not in ("global", "local"):
+            raise ValueError(f"negative_pool must be 'global' or 'local' (VLMo Table 6), got {self.negative_pool!r}")
+        if self.local_groups < 1:
+            raise ValueError(f"local_groups must be >= 1, got {self.local_groups}")
         for name in ("language_init", "vl_init"):
             if getattr(self, name) not in (None, "vision", "language"):
                 raise ValueError(f"{name} must be None, 'vision' or 'language', got {getattr(self, name)!r}")
@@ -369,6 +378,15 @@ class VLLosses(NamedTuple):
     image_for_text: torch.Tensor   # (B,) global index of the hard negative image drawn for each local text
 
 
+def same_slice(n: int, groups: int, device=None) -> torch.Tensor:
+    """(n, n) bool: rows i, j of a global batch of ``n`` lie in the same of ``groups`` equal consecutive slices (the
+    examples of one process; VLMo Table 6's "local" hard-negative pool)."""
+    if n % groups:
+        raise ValueError(f"a global batch of {n} does not split into {groups} equal slices (processes x local_groups)")
+    g = torch.arange(n, device=device) // (n // groups)
+    return g[:, None] == g[None, :]
+
+
 def vl_losses(model, batch: dict, config: PretrainConfig | None = None) -> VLLosses:
     """Stage 3 (VLMo §3.3): ITC + ITM with global hard negatives + MLM, on a :meth:`PairData.batch` (this process's
     slice). ``model`` may be DDP-wrapped: it is called, never reached into, except for the temperature."""
@@ -399,7 +417,11 @@ def vl_losses(model, batch: dict, config: PretrainConfig | None = None) -> VLLos
     # ITM (§3.3, Table 6): one hard negative text per image and one hard negative image per text, drawn from the ITC
     # similarities of the GLOBAL batch (the same seed on every process -> the same global indices)
     g = torch.Generator().manual_seed(int(batch.get("negative_seed", 0)))
-    neg = sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, itc.ids, generator=g)
+    sim_i2t, sim_t2i = itc.sim_i2t, itc.sim_t2i
+    if cfg.negative_pool == "local":                                  # Table 6: candidates of the own slice only
+        outside = ~same_slice(sim_i2t.shape[0], world_info()[0] * cfg.local_groups, sim_i2t.device)
+        sim_i2t, sim_t2i = sim_i2t.masked_fill(outside, float("-inf")), sim_t2i.masked_fill(outside, float("-inf"))
+    neg = sample_hard_negatives(sim_i2t, sim_t2i, itc.ids, generator=g)
     rows = itc.local_rows
     text_for_image, image_for_text = neg.text_for_image[rows], neg.image_for_text[rows]   # (B,) global indices
     all_images, all_ids, all_am = all_gather_no_grad(images), all_gather_no_grad(ids), all_gather_no_grad(am)
@@ -477,3 +499,87 @@ def stagewise_pretrain(model, config: PretrainConfig, train_configs: dict[int, T
             data = PairData.build(config, tokenizer, c.max_text_len)
         runs.append(run_stage(model, s, data, train_configs[s], config, **train_kw))
     return runs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baselines and held-out evaluation: what each stage's loss is measured against
+# ---------------------------------------------------------------------------------------------------------
+
+# ITM's prior: B positives and 2B hard negatives per batch, so "always not matched" scores this loss (and 2/3 accuracy).
+ITM_PRIOR_LOSS: float = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
+
+
+def _entropy(values: torch.Tensor) -> float:
+    c = torch.bincount(values.flatten().long()).float()
+    p = c[c > 0] / c.sum()
+    return float(-(p * p.log()).sum())
+
+
+def code_prior(data: ImageData, n: int = 2000, seed: int = 9) -> float:
+    """Stage 1's blind baseline: the loss of predicting every masked patch's code from the codes' frequencies alone
+    (their entropy, in nats), on ``n`` masked patches' worth of images."""
+    b = data.batch_fn(torch.Generator().manual_seed(seed), min(n, len(data.bank)))
+    return _entropy(b["codes"][b["bool_masked_pos"]])
+
+
+def token_prior(data, n: int = 2000, seed: int = 9) -> float:
+    """Stages 2-3's blind baseline for MLM: the entropy of the masked words (the loss of predicting each from the
+    word frequencies, without reading the sentence or the image)."""
+    size = len(data.ids) if isinstance(data, TextData) else len(data.ds)
+    b = data.batch_fn(torch.Generator().manual_seed(seed), min(n, size))
+    return _entropy(b["mlm_labels"][b["mlm_labels"] != IGNORE_INDEX])
+
+
+def itc_chance(batch_size: int) -> float:
+    """ITC's chance level: log(B), the loss of uniform similarities over a batch of B pairs."""
+    return math.log(batch_size)
+
+
+@torch.no_grad()
+def evaluate_pretraining(model, tokenizer, n: int = 256, batch_size: int = 32, split: str = "test",
+                         config: PretrainConfig | None = None, seed: int = 0) -> dict:
+    """Stage-3 losses and accuracies on ``n`` held-out pairs of ``split`` (batches of ``batch_size``, hard negatives
+    drawn as in training): itc, i2t_acc, t2i_acc, itm, itm_acc (positives 1/3, hard negatives 2/3 of the rows),
+    mlm, mlm_acc. Averaged over batches."""
+    cfg = config or PretrainConfig(image_size=model.config.image_size)
+    data = PairData.build(cfg, tokenizer, model.config.max_text_len, split=split, n=n)
+    g = torch.Generator().manual_seed(seed)
+    sums: dict = {}
+    was = model.training
+    model.eval()
+    try:
+        batches = 0
+        for i in range(0, n - batch_size + 1, batch_size):
+            r = vl_losses(model, data.batch(range(i, i + batch_size), g), cfg)
+            for k in ("itc", "i2t_acc", "t2i_acc", "itm", "itm_acc", "mlm", "mlm_acc"):
+                sums[k] = sums.get(k, 0.0) + float(r.metrics[k])
+            batches += 1
+    finally:
+        model.train(was)
+    return {k: v / max(batches, 1) for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recipes' settings (mmkit/vlmo/recipes.py), tuned on vlmo-tiny (see the tuning notes there)
+# ---------------------------------------------------------------------------------------------------------
+
+RECIPE_PRETRAIN = dict(n_images=4000, n_texts=4000, n_pairs=8000)
+RECIPE_PRETRAIN_FAST = dict(n_images=400, n_texts=400, n_pairs=400)
+_COMMON = dict(min_lr_ratio=0.05, weight_decay=0.01, betas=(0.9, 0.98), mixed_precision="no", log_every=50, seed=0)
+# Sized for a shared 2-core laptop (the whole chain stage 1 -> VQA in well under an hour of one thread): stage 1
+# 400 x 64 images, stage 2 200 x 64 texts, stage 3 500 x 16 pairs (ITC leaves chance after ~100 steps from cold).
+RECIPE_TRAIN: dict[int, dict] = {
+    1: dict(_COMMON, steps=400, batch_size=64, lr=2e-3, warmup_steps=40),
+    2: dict(_COMMON, steps=200, batch_size=64, lr=2e-3, warmup_steps=20),
+    3: dict(_COMMON, steps=500, batch_size=16, lr=1e-3, warmup_steps=50),
+}
+RECIPE_TRAIN_FAST: dict[int, dict] = {s: dict(t, steps=30, warmup_steps=5, batch_size=16) for s, t in RECIPE_TRAIN.items()}
+
+
+def recipe_pretrain_config(fast: bool = False) -> PretrainConfig:
+    return PretrainConfig(**(RECIPE_PRETRAIN_FAST if fast else RECIPE_PRETRAIN))
+
+
+def recipe_train(stage: int, fast: bool = False) -> dict:
+    """TrainConfig fields of ``stage`` in the recipes (``progress_bar`` off in fast mode)."""
+    return dict((RECIPE_TRAIN_FAST if fast else RECIPE_TRAIN)[stage], progress_bar=not fast)

@@ -1,0 +1,223 @@
+"""VLMo's recipes: how each VLMo checkpoint is made (``mmkit train NAME`` runs one; ``mmkit.load`` runs a missing one
+once and caches it). Each stage of VLMo §3.4 is a recipe whose checkpoint the next one loads:
+
+    vlmo-tiny-stage1      §3.4 stage 1: BEiT masked image modelling (attention + V-FFN)   <- vqgan-world
+    vlmo-tiny-stage2      §3.4 stage 2: text-only MLM (L-FFN; attention, V-FFN frozen)    <- vlmo-tiny-stage1
+    vlmo-tiny-pretrained  §3.4 stage 3: ITC + ITM (global hard negatives) + MLM on pairs  <- vlmo-tiny-stage2
+    vlmo-tiny-vqa         §4.3 VQA as classification, EN + ZH, drawn views              <- vlmo-tiny-pretrained
+    vlmo-tiny-nlvr2       §4.3 NLVR2-style pairs: two fusion passes + a classifier      <- vlmo-tiny-pretrained
+    vlmo-tiny-image-cls   §4.5 the vision path alone: colour / shape / size per cell    <- vlmo-tiny-pretrained
+
+Retrieval (§3.5, §4.4) uses ``vlmo-tiny-pretrained`` as it is: the dual encoder of stage 3 (and its ITM head for
+reranking).
+
+Each model recipe writes ``model.safetensors`` + ``config.json`` (+ ``trainer_state.json``) into the folder it is
+given and returns the metrics it measured, which :func:`mmkit.hub.run_recipe` stores in ``recipe.json``. Weights are
+stored in float16 (:func:`save_half`): the kit ships every VLMo checkpoint in ~10 MB, and the VQA recipe measures
+that rounding to float16 changes no answer's accuracy (``fp16_*`` metrics). Every recipe measures its CPU time with
+``time.process_time()`` (the budget is CPU-seconds on one thread: pretraining <= 20 CPU-min, VQA <= 10).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmkit.hub as hub
+from mmkit.config import build_model, load_config
+from mmkit.data.scenes import SceneBank
+from mmkit.registry import recipe
+from mmkit.tokenizer import world_tokenizer
+from mmkit.train import TrainConfig, save_checkpoint
+from mmkit.vlmo.model import VLMoForImageClassification, VLMoForNLVR2, VLMoForVQA
+from mmkit.vlmo.tasks import image_only as IO
+from mmkit.vlmo.tasks import nlvr2 as N
+from mmkit.vlmo.tasks import pretrain as P
+from mmkit.vlmo.tasks import retrieval as R
+from mmkit.vlmo.tasks import vqa as V
+
+__all__ = ["save_half", "train_stage1", "train_stage2", "train_pretrained", "train_vqa", "train_nlvr2",
+           "train_image_cls", "half_rounded"]
+
+def _r4(v) -> float:
+    return round(float(v), 4)
+
+
+def save_half(out_dir: Path) -> None:
+    """Rewrite ``out_dir/model.safetensors`` with every float32 tensor stored as float16 (loading casts them back to
+    the model's float32: ``load_state_dict`` copies into the existing parameters)."""
+    f = Path(out_dir) / "model.safetensors"
+    tensors = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in load_file(str(f)).items()}
+    save_file(tensors, str(f))
+
+
+def half_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every float parameter rounded to float16 and back (what a :func:`save_half` checkpoint holds)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def _history(hist: list[dict], every: int = 10) -> list[dict]:
+    """Every ``every``-th step (and the last), floats rounded: a small trainer_state.json."""
+    keep = hist[::every] + ([hist[-1]] if hist and (len(hist) - 1) % every else [])
+    return [{k: (_r4(v) if isinstance(v, float) else v) for k, v in h.items()} for h in keep]
+
+
+def _save(out_dir: Path, model, result, tcfg, extra: dict | None = None) -> None:
+    save_checkpoint(out_dir, model, step=result.step, train_config=tcfg, history=_history(result.history),
+                    extra=extra)
+    save_half(out_dir)
+
+
+def _stage_metrics(run: P.StageRun, baselines: dict, cpu: float) -> dict:
+    h = run.result.history
+    first, last = h[:10], h[-25:]
+    keys = [k for k in h[0] if k not in ("step", "lr", "grad_norm", "mlm_tokens")]
+    out = {}
+    for k in keys:
+        out[f"first_{k}"] = _r4(sum(x[k] for x in first) / len(first))
+        out[f"last_{k}"] = _r4(sum(x[k] for x in last) / len(last))
+    out.update({k: _r4(v) for k, v in baselines.items()})
+    out.update(steps=run.result.step, trained_parameters=sum(1 for _ in run.plan.trained),
+               frozen_parameters=len(run.plan.frozen), cpu_seconds=round(cpu, 1),
+               train_seconds=round(run.result.seconds, 1), torch_threads=torch.get_num_threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stagewise pretraining (VLMo §3.4)
+# ---------------------------------------------------------------------------------------------------------
+
+@recipe("vlmo-tiny-stage1", "VLMo tiny stage 1 (§3.4): BEiT masked image modelling on world images, vqgan-world "
+        "codes as targets (attention + V-FFN)", config="vlmo-tiny", needs=("vqgan-world",))
+def train_stage1(out_dir: Path, fast: bool) -> dict:
+    cpu0 = time.process_time()
+    pcfg = P.recipe_pretrain_config(fast)
+    tcfg = TrainConfig(**P.recipe_train(1, fast))
+    torch.manual_seed(tcfg.seed)
+    model = build_model(load_config("vlmo-tiny"))
+    data = P.ImageData.build(pcfg, hub.load("vqgan-world"), model.config.grid_size)
+    baselines = {"code_prior_loss": P.code_prior(data)}
+    run = P.run_stage(model, 1, data, tcfg, pcfg)
+    _save(out_dir, model, run.result, tcfg, {"pretrain_config": asdict(pcfg)})
+    return _stage_metrics(run, baselines, time.process_time() - cpu0)
+
+
+@recipe("vlmo-tiny-stage2", "VLMo tiny stage 2 (§3.4): text-only MLM on world descriptions and captions "
+        "(L-FFN trains; attention and V-FFN frozen)", config="vlmo-tiny", needs=("vlmo-tiny-stage1",))
+def train_stage2(out_dir: Path, fast: bool) -> dict:
+    cpu0 = time.process_time()
+    pcfg = P.recipe_pretrain_config(fast)
+    tcfg = TrainConfig(**P.recipe_train(2, fast))
+    torch.manual_seed(tcfg.seed)
+    model = hub.load("vlmo-tiny-stage1").train()
+    data = P.TextData.build(pcfg, world_tokenizer(), model.config.max_text_len)
+    baselines = {"token_prior_loss": P.token_prior(data)}
+    run = P.run_stage(model, 2, data, tcfg, pcfg)
+    _save(out_dir, model, run.result, tcfg, {"pretrain_config": asdict(pcfg)})
+    return _stage_metrics(run, baselines, time.process_time() - cpu0)
+
+
+@recipe("vlmo-tiny-pretrained", "VLMo tiny stage 3 (§3.3-3.4): ITC + ITM with global hard negatives + MLM on "
+        "world image-caption pairs, EN + ZH", config="vlmo-tiny", needs=("vlmo-tiny-stage2",))
+def train_pretrained(out_dir: Path, fast: bool) -> dict:
+    cpu0 = time.process_time()
+    pcfg = P.recipe_pretrain_config(fast)
+    tcfg = TrainConfig(**P.recipe_train(3, fast))
+    torch.manual_seed(tcfg.seed)
+    tok = world_tokenizer()
+    model = hub.load("vlmo-tiny-stage2").train()
+    data = P.PairData.build(pcfg, tok, model.config.max_text_len)
+    baselines = {"mlm_prior_loss": P.token_prior(data), "itc_chance_loss": P.itc_chance(tcfg.batch_size),
+                 "itm_prior_loss": P.ITM_PRIOR_LOSS}
+    run = P.run_stage(model, 3, data, tcfg, pcfg)
+    model.eval()
+    metrics = _stage_metrics(run, baselines, time.process_time() - cpu0)
+    held = P.evaluate_pretraining(model, tok, n=64 if fast else 256)
+    metrics.update({f"heldout_{k}": _r4(v) for k, v in held.items()})
+    rdata = R.retrieval_data("test", 100 if fast else 1000, image_size=model.config.image_size)
+    r = R.evaluate_retrieval(model, rdata, tok)
+    metrics.update({f"retrieval_{d}_r{k}": _r4(v) for d, rec in (("i2t", r.dual.i2t), ("t2i", r.dual.t2i))
+                    for k, v in rec.items()}, retrieval_n=len(rdata.texts))
+    _save(out_dir, model, run.result, tcfg, {"pretrain_config": asdict(pcfg)})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downstream (VLMo §4)
+# ---------------------------------------------------------------------------------------------------------
+
+@recipe("vlmo-tiny-vqa", "VLMo tiny VQA (§4.3): a classifier over the world's EN + ZH answers on the pooled fusion "
+        "[T_CLS], soft-target BCE, clean and drawn views", config="vlmo-tiny-vqa", needs=("vlmo-tiny-pretrained",))
+def train_vqa(out_dir: Path, fast: bool) -> dict:
+    cpu0 = time.process_time()
+    tcfg = TrainConfig(**(V.VQA_TRAIN_FAST if fast else V.VQA_TRAIN))
+    cfg = V.recipe_vqa_config(fast)
+    torch.manual_seed(tcfg.seed)
+    model = VLMoForVQA.from_pretrained_vlmo(hub.load("vlmo-tiny-pretrained")).train()
+    run = V.finetune_vqa(model, train_config=tcfg, config=cfg, n_eval=0)
+    cpu_train = time.process_time() - cpu0
+    n_eval = 100 if fast else 400
+    ev = V.evaluate_vqa(run.model, "test", n_eval)
+    aug = V.evaluate_vqa(run.model, "test", n_eval, augmented=True)
+    half = V.evaluate_vqa(half_rounded(run.model), "test", n_eval)           # what the float16 file answers
+    hist = run.result.history
+    _save(out_dir, run.model, run.result, tcfg, {"vqa_config": asdict(cfg)})
+    return {"test_acc": _r4(ev.accuracy), "test_n_questions": ev.n_questions,
+            **{f"test_acc_{k}": _r4(v) for k, v in ev.per_type.items()},
+            **{f"test_acc_{k}": _r4(v) for k, v in ev.per_lang.items()},
+            "augmented_acc": _r4(aug.accuracy), **{f"augmented_acc_{k}": _r4(v) for k, v in aug.per_type.items()},
+            "fp16_test_acc": _r4(half.accuracy),
+            "steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
+            "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
+            "cpu_seconds_train": round(cpu_train, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+            "train_seconds": round(run.result.seconds, 1), "torch_threads": torch.get_num_threads()}
+
+
+@recipe("vlmo-tiny-nlvr2", "VLMo tiny NLVR2-style pairs (§4.3): the statement fused with each image, concatenated "
+        "pooled [T_CLS], a true / false classifier", config="vlmo-tiny-nlvr2", needs=("vlmo-tiny-pretrained",))
+def train_nlvr2(out_dir: Path, fast: bool) -> dict:
+    cpu0 = time.process_time()
+    tcfg = TrainConfig(**(N.NLVR2_TRAIN_FAST if fast else N.NLVR2_TRAIN))
+    torch.manual_seed(tcfg.seed)
+    model = VLMoForNLVR2.from_pretrained_vlmo(hub.load("vlmo-tiny-pretrained")).train()
+    size = model.config.image_size
+    run = N.finetune_nlvr2(model, train_config=tcfg,
+                           train_data=N.pair_dataset("train", 1000 if fast else N.NLVR2_TRAIN_PAIRS, image_size=size),
+                           eval_data=N.pair_dataset("test", 200 if fast else 1000, image_size=size))
+    ev, hist = run.eval, run.result.history
+    _save(out_dir, run.model, run.result, tcfg)
+    return {"test_acc": _r4(ev.accuracy), "test_majority": _r4(ev.majority), "test_n": ev.n,
+            **{f"test_acc_{k}": _r4(v) for k, v in ev.per_kind.items()},
+            **{f"test_acc_{k}": _r4(v) for k, v in ev.per_lang.items()},
+            "steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
+            "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
+            "cpu_seconds": round(time.process_time() - cpu0, 1), "train_seconds": round(run.result.seconds, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+@recipe("vlmo-tiny-image-cls", "VLMo tiny as an image-only encoder (§4.5): colour / shape / size of every grid cell "
+        "from the vision path alone", config="vlmo-tiny-image-cls", needs=("vlmo-tiny-pretrained",))
+def train_image_cls(out_dir: Path, fast: bool) -> dict:
+    cpu0 = time.process_time()
+    tcfg = TrainConfig(**(IO.CELL_TRAIN_FAST if fast else IO.CELL_TRAIN))
+    torch.manual_seed(tcfg.seed)
+    model = VLMoForImageClassification.from_pretrained_vlmo(hub.load("vlmo-tiny-pretrained")).train()
+    size = model.config.image_size
+    train_bank = SceneBank.build("train", 1000 if fast else 6000, image_size=size)
+    test_bank = SceneBank.build("test", 200 if fast else 1000, image_size=size)
+    run = IO.finetune_cells(model, IO.CellData(train_bank), train_config=tcfg, test_bank=test_bank)
+    base = IO.majority_baseline(train_bank, test_bank)
+    hist = run.result.history
+    _save(out_dir, run.model, run.result, tcfg)
+    return {**{f"test_acc_{k}": _r4(v) for k, v in run.eval.items()},
+            **{f"majority_{k}": _r4(v) for k, v in base.items()},
+            "steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
+            "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
+            "cpu_seconds": round(time.process_time() - cpu0, 1), "train_seconds": round(run.result.seconds, 1),
+            "torch_threads": torch.get_num_threads()}
