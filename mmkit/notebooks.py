@@ -193,11 +193,36 @@ def execute(path: Path, fast: bool = False, out: Path | None = None, verbose: bo
     return record
 
 
+README = NOTEBOOK_DIR / "README.md"
+TABLE_START, TABLE_END = "<!-- timings: written by python -m mmkit.notebooks -->", "<!-- /timings -->"
+
+
 def _save_timing(record: RunRecord) -> None:
     data = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
     data.setdefault(record.notebook, {})[record.mode] = {"wall_seconds": record.wall_seconds, "date": record.date,
                                                          "code_version": record.code_version}
     TIMINGS.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+    update_readme_timings()
+
+
+def timings_table() -> str:
+    """The README's table of measured wall times (from ``notebooks/timings.json``)."""
+    data = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
+    fmt = lambda d: f"{d['wall_seconds']:.0f} s ({d['date'][:10]})" if d else "not measured"
+    rows = ["| notebook | full mode | fast mode (`MMKIT_FAST=1`, CI) |", "| --- | --- | --- |"]
+    rows += [f"| {name} | {fmt(t.get('full'))} | {fmt(t.get('fast'))} |" for name, t in sorted(data.items())]
+    return "\n".join(rows)
+
+
+def update_readme_timings() -> None:
+    """Rewrite the timing table between the README's markers (nothing else of the README is touched)."""
+    if not README.exists():
+        return
+    text = README.read_text()
+    if TABLE_START in text and TABLE_END in text:
+        head, rest = text.split(TABLE_START, 1)
+        _, tail = rest.split(TABLE_END, 1)
+        README.write_text(head + TABLE_START + "\n" + timings_table() + "\n" + TABLE_END + tail)
 
 
 PLOT_CALLS = re.compile(r"plt\.show\(|\.savefig\(|plt\.(subplots|figure)\(")

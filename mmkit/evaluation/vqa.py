@@ -12,13 +12,15 @@ else overall). A learning floor means something only above it (house rule: compu
 """
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from typing import NamedTuple, Sequence
 
-from mmkit.data.text import QTYPES
+from mmkit.data.scenes import sample_scenes
+from mmkit.data.text import QTYPES, questions
 
-__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior"]
+__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "world_answer_prior", "prior_eval"]
 
 
 class VQAAnswer(NamedTuple):
@@ -87,3 +89,27 @@ class AnswerPrior:
         if question in self.by_question:
             return self.by_question[question]
         return self.by_type.get((qtype, lang), self.overall)
+
+
+def world_answer_prior(n_scenes: int = 2000, draws: int = 4, seed: int = 0) -> AnswerPrior:
+    """The answer prior of the world's VQA training questions: ``draws`` questions per train scene and language, each
+    drawn as :func:`mmkit.data.text.sample_question` draws (a type uniformly among the scene's, then a question of
+    it), fitted with :meth:`AnswerPrior.fit`. What a model that never looks at the image answers (notebooks, apps)."""
+    rng = random.Random(seed)
+    qs, ans, types, langs = [], [], [], []
+    for scene in sample_scenes("train", n_scenes):
+        for lang in ("en", "zh"):
+            by_type: dict = {}
+            for qa in questions(scene, lang):
+                by_type.setdefault(qa.qtype, []).append(qa)
+            kinds = [t for t in QTYPES if t in by_type]
+            for _ in range(draws):
+                qa = rng.choice(by_type[rng.choice(kinds)])
+                qs.append(qa.question), ans.append(qa.answer), types.append(qa.qtype), langs.append(lang)
+    return AnswerPrior.fit(qs, ans, types, langs)
+
+
+def prior_eval(prior: AnswerPrior, ev: VQAEval) -> VQAEval:
+    """The blind baseline of the SAME questions a model was scored on (``ev.records``): the prior's answers, scored
+    exactly as the model's were."""
+    return score_answers([(q, gold, prior(q, t, lg), t, lg) for q, gold, _, t, lg in ev.records])

@@ -38,13 +38,16 @@ map) counts real tokens only.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
+from mmkit.config import build_model, replace_config
 from mmkit.m6.masking import SEG_PAD, SEG_VISUAL, collate
 from mmkit.m6.model import M6MoEConfig
 from mmkit.m6.tasks.pretrain import pretrain_loss, task_losses
@@ -54,6 +57,7 @@ from mmkit.train import train, unwrap
 __all__ = [
     "M6MoEConfig", "moe_layers", "capacity_factor", "RoutingMonitor", "LayerLoad", "load_cv", "MoEPretrainLoss",
     "init_image_side", "pretrain_moe", "MoERun", "route_table", "RouteTable", "evaluate_capacity", "CapacityEval",
+    "comparison_configs", "run_histories", "compare_moe", "save_comparison", "load_comparison",
 ]
 
 
@@ -308,3 +312,60 @@ def evaluate_capacity(model: nn.Module, batch: dict, c: float | None) -> Capacit
     assigned = sum(ld.n_assign for ld in loads.values())
     ce = float(r.loss) - mon.side_loss * raw.config.aux_loss_weight
     return CapacityEval(c, 1.0 - kept / assigned if assigned else 0.0, ce, loads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The notebook's long comparison, shipped as histories (notebook 05 trains one model live and reads the rest)
+# ---------------------------------------------------------------------------------------------------------
+
+HISTORY_KEYS = ("ce", "cpu_s")                                    # kept for every run
+ROUTING_PREFIXES = ("load/", "load_cv/", "dropped/")              # kept for MoE runs
+
+
+def comparison_configs(dense_cfg, moe_cfg) -> dict:
+    """The four runs notebook 05 compares (M6 §3.4): dense, top-1, top-1 without the balancing loss, top-2 with
+    capacity factor 2.5 (= 1.25 per choice)."""
+    return {"dense": dense_cfg, "top1": moe_cfg, "top1_nobal": replace_config(moe_cfg, aux_loss_coef=0.0),
+            "top2": replace_config(moe_cfg, top_k=2, capacity_factor=2.5)}
+
+
+def run_histories(run: MoERun, final: dict | None = None) -> dict:
+    """A run as a small JSON-able record: per-step columns (task loss ``ce``, CPU seconds, routing loads), the CPU /
+    wall seconds of training and the held-out losses ``final`` (an evaluator's output)."""
+    h = run.result.history
+    keys = [k for k in h[0] if k in HISTORY_KEYS or k.startswith(ROUTING_PREFIXES)]
+    return {"columns": {k: [round(float(row[k]), 5) for row in h] for k in keys},
+            "cpu_seconds": round(run.cpu_seconds, 2), "wall_seconds": round(run.wall_seconds, 2),
+            "final": {k: round(float(v), 5) for k, v in (final or {}).items() if isinstance(v, (int, float))}}
+
+
+def compare_moe(configs: dict, pretrained: nn.Module, data, train_config, evaluator=None, seed: int = 0,
+                build: Callable | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Train each config of ``configs`` (name -> M6 / M6-MoE config) from ``seed`` on ``data`` with the frozen image
+    side of ``pretrained`` (:func:`init_image_side`) and return ``{name: run_histories(...)}``: what notebook 05
+    ships in ``notebooks/05_moe_histories.json`` (regenerate it with this function; see the notebook)."""
+    build = build or build_model
+    out = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(seed)
+        model = init_image_side(build(cfg), pretrained)
+        run = pretrain_moe(model, data, train_config)
+        out[name] = run_histories(run, evaluator(model) if evaluator is not None else None)
+        if progress is not None:
+            progress(f"{name}: {run.cpu_seconds:.0f} CPU-s")
+    return out
+
+
+def save_comparison(path, runs: dict, settings: dict, note: str = "") -> None:
+    """Write :func:`compare_moe`'s ``runs`` with the ``settings`` that produced them (steps, batch, data sizes, ...)
+    as one small JSON file (what notebook 05 reads)."""
+    Path(path).write_text(json.dumps({"settings": settings, "note": note, "runs": runs}, separators=(",", ":")) + "\n")
+
+
+def load_comparison(path) -> dict:
+    """Read a :func:`save_comparison` file: ``{"settings": ..., "note": ..., "runs": {name: run_histories(...)}}``."""
+    data = json.loads(Path(path).read_text())
+    if set(data) < {"settings", "runs"}:
+        raise ValueError(f"{path} is not a compare_moe history file (keys {sorted(data)}); regenerate it with "
+                         "mmkit.m6.tasks.moe.compare_moe + save_comparison (notebook 05 shows how)")
+    return data
