@@ -86,14 +86,14 @@ def _history(hist: list[dict], every: int) -> list[dict]:
 # step at batch 64 ~0.55 CPU-s, a stage-0 step (visual encoder only) at batch 128 ~0.5 CPU-s.
 PRETRAIN = dict(
     data=dict(n_pairs=8000, image_size=64, lang="both"),
-    stages=dict(vision_steps=400, vision_lr=4e-3, itc_steps=100, n_val=256),
-    train=dict(steps=200, batch_size=64, lr=1e-3, warmup_steps=40, min_lr_ratio=0.1, weight_decay=0.02,
+    stages=dict(vision_steps=400, vision_lr=4e-3, itc_steps=60, n_val=256),
+    train=dict(steps=100, batch_size=64, lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.02,
                mixed_precision="no", log_every=25, seed=0, progress_bar=False),
 )
 PRETRAIN_FAST = dict(
     data=dict(n_pairs=1000, image_size=64, lang="both"),
     stages=dict(vision_steps=60, vision_lr=4e-3, itc_steps=20, n_val=64),
-    train=dict(PRETRAIN["train"], steps=40, batch_size=32, warmup_steps=10),
+    train=dict(PRETRAIN["train"], steps=30, batch_size=32, warmup_steps=10),
 )
 
 
@@ -144,9 +144,9 @@ def _recalls(r) -> dict:
 
 VQA = dict(
     data=dict(n_scenes=10_000, n_augmented=6_000, aug_fraction=0.3, image_size=64, lang="both"),
-    train=dict(steps=800, batch_size=64, lr=1e-3, warmup_steps=50, min_lr_ratio=0.05, weight_decay=0.02,
+    train=dict(steps=550, batch_size=64, lr=1e-3, warmup_steps=50, min_lr_ratio=0.05, weight_decay=0.02,
                mixed_precision="no", log_every=25, seed=0, progress_bar=False),
-    n_eval=300,
+    n_eval=150,
 )
 VQA_FAST = dict(data=dict(VQA["data"], n_scenes=1500, n_augmented=500), train=dict(VQA["train"], steps=60,
                                                                                    warmup_steps=10), n_eval=60)
