@@ -46,12 +46,12 @@ from mmkit.hub import CheckpointError, verify_checkpoint
 from mmkit.io import atomic_write_text
 from mmkit.nn.blocks import TransformerBlock
 from mmkit.nn.moe import ExpertParallelMoE, MoEFeedForward, ddp_ignore_expert_params, is_expert_param
-from mmkit.train import (TrainConfig, TrainResult, end_training, expert_param_names, latest_checkpoint,
-                         launcher_strategy, load_checkpoint, local_clip_fn, train)
+from mmkit.train import (TrainConfig, TrainResult, end_training, expert_param_names, expert_ranges,
+                         latest_checkpoint, launcher_strategy, load_checkpoint, local_clip_fn, train)
 
 __all__ = ["RunConfig", "RunContext", "RunParts", "RunResult", "load_run_config", "apply_overrides",
            "enable_activation_checkpointing", "init_experts_by_index", "load_init", "InitReport", "run",
-           "resolve_checkpoint", "build_run", "describe_run", "world_info"]
+           "resolve_checkpoint", "build_run", "describe_run", "world_info", "launcher_env", "model_config"]
 
 RUN_KEYS = ("base", "task", "model", "model_overrides", "task_options", "data", "train", "gradient_checkpointing",
             "expert_parallel", "init_from", "out_dir", "resume")
@@ -304,7 +304,8 @@ def load_init(model: nn.Module, folder: str | Path) -> InitReport:
     """Start ``model`` from the weights of a checkpoint of the previous stage: every tensor whose name and shape match
     is copied; the model's own new weights (a new head) stay initialised and the checkpoint's extra ones (the previous
     stage's heads) are left out, both listed. A shape mismatch is an error (another model size). Expert-parallel
-    checkpoints (expert shards) are re-assembled for however many experts this process holds."""
+    checkpoints (expert shards) are re-assembled for however many experts this process holds, and a process of an
+    expert-parallel run takes its own experts' rows from a checkpoint holding all of them."""
     from safetensors import safe_open
 
     d = resolve_checkpoint(folder)
@@ -316,6 +317,7 @@ def load_init(model: nn.Module, folder: str | Path) -> InitReport:
     tied = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(p), []).append(name)
+    ranges = expert_ranges(model)                    # expert parallelism: the experts this process holds
     loaded, dropped, sd = 0, [], {}
     try:
         with safe_open(str(d / "model.safetensors"), framework="pt") as fh:
@@ -329,7 +331,10 @@ def load_init(model: nn.Module, folder: str | Path) -> InitReport:
                 if name not in own:
                     dropped.append(k)
                     continue
-                t = fh.get_tensor(k)
+                if name in ranges and fh.get_slice(k).get_shape()[0] == ranges[name][2] != own[name].shape[0]:
+                    t = fh.get_slice(k)[ranges[name][0]:ranges[name][1]]   # all experts on file: this rank's rows
+                else:
+                    t = fh.get_tensor(k)
                 if tuple(t.shape) != tuple(own[name].shape):
                     raise CheckpointError(f"{d / 'model.safetensors'}: {k} has shape {tuple(t.shape)}, the model's is "
                                           f"{tuple(own[name].shape)}: init_from must come from the same model size")
@@ -465,3 +470,25 @@ def _as_dict(cfg: RunConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d.pop("source")
     return json.loads(json.dumps(d, default=str))
+
+
+def launcher_env(config_file: str | Path, num_processes: int | None = None) -> dict[str, str]:
+    """The environment variables ``accelerate launch --config_file config_file`` gives the processes it starts,
+    computed by accelerate's own launcher code (its config loader and ``prepare_multi_gpu_env`` /
+    ``prepare_deepspeed_cmd_env``): what :func:`mmkit.train.train` reads to pick FSDP / DeepSpeed and their options.
+    ``scaled/cpu_rehearsal.py`` starts CPU processes with it (accelerate itself starts one process without GPUs)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    argv = ["--config_file", str(config_file), "--num_machines", "1", "--machine_rank", "0"]
+    if num_processes is not None:
+        argv += ["--num_processes", str(num_processes)]
+    args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv + ["x.py"]))
+    before = dict(os.environ)
+    if args.use_deepspeed:
+        fields_ = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields_ + (["mixed_precision"] if mp_from_config else []))
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if before.get(k) != v}

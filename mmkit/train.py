@@ -96,7 +96,7 @@ __all__ = [
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
-    "expert_param_names",
+    "expert_param_names", "expert_ranges",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -574,12 +574,10 @@ def _deduplicated(raw: nn.Module, state_dict: dict | None, exclude: set) -> dict
     """Weights to write: ``state_dict`` (or the model's), contiguous CPU tensors, tied weights once (as
     ``safetensors.torch.save_model`` stores them), without the ``exclude`` names."""
     sd = raw.state_dict() if state_dict is None else state_dict
-    seen, drop = {}, set()
+    groups: dict[int, list[str]] = {}
     for name, p in raw.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            drop.add(name)                                  # a tied copy of seen[id(p)]
-        else:
-            seen[id(p)] = name
+        groups.setdefault(id(p), []).append(name)
+    drop = {n for names in groups.values() for n in sorted(names)[1:]}   # safetensors keeps the first name sorted
     return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop and k not in exclude}
 
 
@@ -593,7 +591,7 @@ def expert_param_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _expert_ranges(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+def expert_ranges(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """{expert weight name: (first, stop, n_experts)}: which of the layer's experts this process holds."""
     out = {}
     for mod_name, mod in unwrap(model).named_modules():
@@ -610,7 +608,7 @@ def _save_rank_shards(tmp: Path, raw: nn.Module, optimizer, experts: list[str], 
     from safetensors.torch import save_file
 
     params = dict(raw.named_parameters())
-    ranges = _expert_ranges(raw)
+    ranges = expert_ranges(raw)
     meta = {"rank": str(rank), "world_size": str(world)}
     for n in experts:
         meta[n] = f"{ranges[n][0]}:{ranges[n][1]}:{ranges[n][2]}"
@@ -634,7 +632,7 @@ def _load_expert_shards(raw: nn.Module, ckpt_dir: Path, names: set, hint: str) -
     if len(worlds) != 1 or [r for r, _, _ in shards] != list(range(next(iter(worlds)))):
         raise CheckpointError(f"{ckpt_dir}: the expert shards {[f.name for _, _, f in shards]} are not one complete "
                               f"set (model-expert-shard-R-of-W for every R < W); {hint}")
-    ranges = _expert_ranges(raw)
+    ranges = expert_ranges(raw)
     params = dict(raw.named_parameters())
     with torch.no_grad():
         for name in sorted(names):
@@ -849,7 +847,17 @@ def _cpu_accelerator_for(strategy: str, precision: str, kw: dict, AcceleratorSta
         acc = Accelerator(cpu=True, deepspeed_plugin=plugin, **kw)
         kind = DistributedType.DEEPSPEED
     else:
-        plugin = FullyShardedDataParallelPlugin()
+        # sync_module_states (rank 0's weights broadcast at wrapping) needs a GPU in torch's FSDP: on CPU it is left
+        # off. Every rank builds the same weights anyway (run() seeds before building; init_from loads one file).
+        saved = os.environ.get("FSDP_SYNC_MODULE_STATES")
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+        try:
+            plugin = FullyShardedDataParallelPlugin()
+        finally:
+            if saved is None:
+                os.environ.pop("FSDP_SYNC_MODULE_STATES", None)
+            else:
+                os.environ["FSDP_SYNC_MODULE_STATES"] = saved
         acc = Accelerator(cpu=True, fsdp_plugin=plugin, **kw)
         kind = DistributedType.FSDP
     if acc.num_processes < 2:
@@ -870,7 +878,7 @@ def _cpu_accelerator_for(strategy: str, precision: str, kw: dict, AcceleratorSta
     return acc
 
 
-def _fill_deepspeed_config(accelerator, cfg: TrainConfig, N: int) -> None:
+def _fill_deepspeed_config(accelerator, cfg: TrainConfig, N: int, width: int | None = None) -> None:
     """The TrainConfig is the one source of the batch, accumulation and clipping: fill DeepSpeed's "auto" values
     from it, and refuse a config file that says otherwise."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -885,8 +893,32 @@ def _fill_deepspeed_config(accelerator, cfg: TrainConfig, N: int) -> None:
         elif float(have) != float(v):
             raise ValueError(f"the DeepSpeed config sets {k}={have} but the run's TrainConfig gives {v}; write "
                              f'"{k}": "auto" in the DeepSpeed JSON (the TrainConfig decides it)')
-    if "zero_optimization" in ds and ds["zero_optimization"].get("stage") == 3:
-        ds["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    # the bucket sizes accelerate derives from a transformers config's hidden_size (its formulas), from the model's
+    # width here (mmkit models have no hidden_size)
+    D = width or 1024
+    for key, value in (("reduce_bucket_size", D * D), ("stage3_prefetch_bucket_size", int(0.9 * D * D)),
+                       ("stage3_param_persistence_threshold", 10 * D)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def _full_state_dict(accelerator, dmodel) -> dict:
+    """The full weights gathered from the FSDP / DeepSpeed shards (every rank calls it). On CPU, FSDP's gather with
+    ``offload_to_cpu`` (what ``accelerator.get_state_dict`` asks for) crashes the process (SIGSEGV, torch 2.13):
+    the tensors already live on the CPU, so they are gathered without it."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not torch.cuda.is_available():
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(dmodel, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
+            return dmodel.state_dict()
+    return accelerator.get_state_dict(dmodel)
 
 
 def _reduce_mean(accelerator, values: list[float]) -> list[float]:
@@ -957,7 +989,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
         raise ValueError(f"clip_fn is not supported under {accelerator.distributed_type.value} (the gradients are "
                          "sharded); use cfg.clip_grad_norm")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        _fill_deepspeed_config(accelerator, cfg, N)
+        _fill_deepspeed_config(accelerator, cfg, N, model_width(model))
 
     start, history, evals = 0, [], []
     ckpt = _resolve_resume(resume_from, cfg) if resume_from is not None else None
@@ -1007,7 +1039,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
         path = Path(cfg.out_dir) / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
         experts = expert_param_names(raw) if N > 1 else []
-        full = accelerator.get_state_dict(dmodel) if sharded else None      # a collective: every rank takes part
+        full = _full_state_dict(accelerator, dmodel) if sharded else None   # a collective: every rank takes part
         tmp = None
         if experts or sharded:                      # every rank writes into one folder, which the main one finishes
             if main:
