@@ -121,10 +121,30 @@ def _train_run_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _paper_table() -> int:
+    """Every full-size config's parameter count against the paper's (what each paper counts: see scaled/README.md)."""
+    from mmkit.scale import PAPER_PARAMS
+    from mmkit.zoo import build_model
+
+    print(f"{'config':<13}{'counted':>17}{'paper':>9}{'diff':>8}  source: what is counted")
+    for name, (paper, source, what) in PAPER_PARAMS.items():
+        model = build_model(name, device="meta")
+        if hasattr(model, "num_backbone_parameters"):
+            n = model.num_backbone_parameters()
+        elif hasattr(model, "parameter_counts"):
+            n = model.parameter_counts()["online"]
+        else:
+            n = sum(p.numel() for p in model.parameters())
+        print(f"{name:<13}{n:>17,}{paper / 1e6:>8.0f}M{100 * (n / paper - 1):>+7.1f}%  {source}: {what}")
+    return 0
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     from mmkit.params import count_parameters, format_counts
     from mmkit.zoo import build_model, load_config
 
+    if args.config is None:
+        return _paper_table()
     cfg = load_config(args.config)
     model = build_model(cfg, device="meta")
     print(format_counts(count_parameters(model), title=f"{args.config} ({type(cfg).__name__})"))
@@ -196,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
 
     pa = sub.add_parser("params", help="parameter count per component for a config (preset name or YAML file)")
-    pa.add_argument("config", help="preset name (see `mmkit configs`) or a YAML file, e.g. scaled/configs/m6_base.yaml")
+    pa.add_argument("config", nargs="?", help="preset name (see `mmkit configs`) or a YAML file, e.g. "
+                    "scaled/configs/m6_base.yaml; without it: every full-size config against its paper")
     pa.set_defaults(fn=_cmd_params)
 
     c = sub.add_parser("configs", help="list the named config presets")

@@ -22,7 +22,7 @@ A run config (every key optional but ``task``; paths are relative to the YAML fi
 The launcher decides the strategy, the run config does not: ``accelerate launch --config_file
 scaled/launch/accelerate/fsdp.yaml scaled/train.py RUN.yaml`` shards with FSDP, ``.../ds_zero3.yaml`` with DeepSpeed
 ZeRO-3, ``torchrun`` / ``srun`` / ``--multi_gpu`` give DDP (see ``scaled/README.md``). The same run config gives the
-same loss on one process and on several (tests/test_scaled.py).
+same loss on one process and on several (tests/test_scaled_dist.py).
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ file system every process sees, as on any cluster):
 Strategies on a CPU. Accelerate turns FSDP and DeepSpeed on for GPUs only. When no GPU is present and the launcher
 asked for one of them (``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``, as ``accelerate launch`` sets them from
 its config file) on several processes, :func:`train` builds the accelerator on gloo and switches it to that strategy,
-so accelerate's own FSDP / DeepSpeed code runs here exactly as it would on GPUs (``tests/test_scaled.py``).
+so accelerate's own FSDP / DeepSpeed code runs here exactly as it would on GPUs (``tests/test_scaled_dist.py``).
 """
 from __future__ import annotations
 

@@ -100,3 +100,16 @@ def test_mplug_chain_pretrain_vqa(tmp_path):
     vqa = _run("mplug_base_vqa", tmp_path, "mplug_base_pretrain")
     w = load_file(str(resolve_checkpoint(tmp_path / "mplug_base_pretrain") / "model.safetensors"))
     assert vqa.init.loaded == len(w) and vqa.init.new == []
+
+
+def test_mmkit_params_lists_every_full_size_config_against_its_paper(capsys):
+    from mmkit.cli import main
+    from mmkit.scale import PAPER_PARAMS
+
+    assert main(["params"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert sorted(lines) == sorted(PAPER_PARAMS) and len(lines) == 7
+    for name, line in lines.items():
+        counted = int(line.split()[1].replace(",", ""))
+        assert abs(counted / PAPER_PARAMS[name][0] - 1) < 0.06, line       # every count within 6% of its paper
+        assert f"{100 * (counted / PAPER_PARAMS[name][0] - 1):+.1f}%" in line
