@@ -20,7 +20,7 @@ def rss_now() -> int:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpointing", type=int, default=0)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     a = p.parse_args()
     torch.set_num_threads(1)
     import mmkit.m6  # noqa: F401  (registers the M6 configs)

@@ -1,7 +1,7 @@
 """mmkit.scale: the memory estimator against measured CPU peak memory (within 15%), and the FLOPs / throughput plan.
 
 Measured in a fresh process (tests/_memory_worker.py): a 13.2M-parameter M6 (d_model 512, 4 layers, 112 tokens,
-batch 32) trains 2 AdamW steps, fp32; its peak resident memory above the baseline (taken after one step of a tiny copy,
+batch 16) trains 2 AdamW steps, fp32; its peak resident memory above the baseline (taken after one step of a tiny copy,
 so the runtime's one-time buffers are not counted) is compared with estimate_memory(...).peak. glibc's malloc keeps
 freed large blocks inside the heap once its mmap threshold has adapted upwards, so the peak RSS would count freed
 tensors again; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold, so RSS follows the live tensors (as a GPU
