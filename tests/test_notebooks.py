@@ -1,0 +1,82 @@
+"""The stored notebooks carry fresh outputs of a full-mode run, and figures survive CI's fast-mode execution."""
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from mmkit import notebooks as N
+
+STORED = N.notebook_paths()
+
+
+def test_finds_the_seven_kit_notebooks_in_order():
+    names = [p.stem[:2] for p in STORED]
+    assert names == sorted(names) and {"00", "01", "02", "03", "04", "05", "06"} <= set(names)
+    assert [p.name for p in N.notebook_paths(["03", "00_shapes_world"])] == ["00_shapes_world.ipynb",
+                                                                             "03_m6_pretraining.ipynb"]
+    with pytest.raises(SystemExit, match="no notebook matches"):
+        N.notebook_paths(["99_nothing"])
+
+
+def test_source_hash_ignores_outputs_but_not_source():
+    nb = nbformat.read(STORED[0], as_version=4)
+    h = N.source_hash(nb)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.outputs = []
+            c.execution_count = None
+    assert N.source_hash(nb) == h
+    nb.cells[-1].source += " "
+    assert N.source_hash(nb) != h
+
+
+@pytest.mark.parametrize("path", [p for p in STORED if p.stem[:2] <= "06"], ids=lambda p: p.stem)
+def test_stored_notebook_has_fresh_full_mode_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    rec = N.run_record(nb)
+    assert rec is not None, f"{path.name} has no run record: run `python -m mmkit.notebooks --execute {path.stem}`"
+    assert rec.mode == "full"
+    assert rec.source_sha256 == N.source_hash(nb), (
+        f"{path.name}: stored outputs are stale; run `python -m mmkit.notebooks --execute {path.stem}`")
+    assert not N.check_stored(path)
+    assert path.stat().st_size <= 1.1 * N.MAX_BYTES
+    n_images = sum(k.startswith("image/") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs for k in o.get("data", {}))
+    assert n_images >= 1
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+def test_unexecuted_notebook_is_reported(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("x = 1")]
+    p = tmp_path / "t.ipynb"
+    nbformat.write(nb, p)
+    assert any("no run record" in q for q in N.check_stored(p))
+
+
+def test_ci_backend_keeps_every_figure(tmp_path):
+    """CI (test.sh) runs notebooks with the inline backend, under which each plotting cell yields an image; under
+    Agg the same cells yield none. Executes a small notebook with the backend test.sh exports."""
+    backend = os.environ.get("MPLBACKEND", "")
+    assert "MPLBACKEND=" + N.INLINE_BACKEND in (Path(N.REPO) / "test.sh").read_text()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nimport os\nprint(os.environ['MMKIT_FAST'])"),
+                nbformat.v4.new_code_cell("plt.plot([1, 2, 3]); plt.title('one'); plt.show()"),
+                nbformat.v4.new_code_cell("fig, ax = plt.subplots(); ax.imshow([[0, 1], [1, 0]]); plt.show()"),
+                nbformat.v4.new_code_cell("print('no figure here')")]
+    src = tmp_path / "00_probe.ipynb"
+    nbformat.write(nb, src)
+    rec = N.execute(src, fast=True, out=tmp_path / "out.ipynb", verbose=False)
+    done = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert N.figureless_plot_cells(done) == []
+    assert N.run_record(done) == rec and rec.source_sha256 == N.source_hash(done) and rec.mode == "fast"
+    assert "1" in "".join(o.get("text", "") for o in done.cells[0].outputs)      # fast mode reached the kernel
+    # the check can fail: the same notebook with its figures removed is caught
+    for c in done.cells:
+        c.outputs = [o for o in c.outputs if not any(k.startswith("image/") for k in o.get("data", {}))]
+    assert N.figureless_plot_cells(done) == [1, 2]
+    if backend:   # under test.sh the process itself runs with the backend the nbmake kernels inherit
+        assert backend == N.INLINE_BACKEND
