@@ -33,7 +33,8 @@ from mmkit.tokenizer import world_tokenizer
 from mmkit.train import evaluating, unwrap
 
 __all__ = ["RetrievalData", "retrieval_data", "tokenize", "encode_images", "encode_texts", "dual_scores",
-           "fusion_scores", "itm_scores", "itm_rerank", "RetrievalResult", "evaluate_retrieval", "retrieval_loss"]
+           "fusion_scores", "itm_scores", "itm_rerank", "RetrievalResult", "evaluate_retrieval", "retrieval_loss",
+           "RETRIEVAL_TRAIN", "RETRIEVAL_TRAIN_FAST", "RETRIEVAL_PAIRS"]
 
 
 class RetrievalData(NamedTuple):
@@ -188,3 +189,12 @@ def retrieval_loss(model, batch: dict):
     ids = batch.get("pair_ids")
     out = itc_loss(img.features, txt.features, raw.temperature(), ids=None if ids is None else ids.to(dev).long())
     return out.loss, {k: v for k, v in out.metrics.items() if k != "queue_size"}
+
+
+# The "vlmo-tiny-retrieval" recipe (§3.5: retrieval fine-tuned with ITC alone): batches of 64 pairs (63 in-batch
+# negatives per query, against stage 3's 15), "full" captions (each names every object: one image per caption, as the
+# evaluation's). Not tuned beyond this.
+RETRIEVAL_TRAIN = dict(steps=300, batch_size=64, lr=1e-3, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.01,
+                       mixed_precision="no", log_every=25, seed=0)
+RETRIEVAL_TRAIN_FAST = dict(RETRIEVAL_TRAIN, steps=30, warmup_steps=5, batch_size=32)
+RETRIEVAL_PAIRS = dict(n_pairs=6000, caption_styles=("full",))    # PretrainConfig fields of the training pairs
