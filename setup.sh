@@ -23,7 +23,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-lab) open_lab=0 ;;
     --no-browser) lab_browser=0 ;;
-    --port) shift; lab_port=${1:-} ;;
+    --port) [ $# -ge 2 ] || { echo "setup.sh: --port needs a number from 1 to 65535 after it (e.g. --port 8890)" >&2; exit 2; }
+            shift; lab_port=$1 ;;
     --port=*) lab_port=${1#--port=} ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option '$1' (use --no-lab, --port N, --no-browser or --help)" >&2; exit 2 ;;

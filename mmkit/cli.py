@@ -4,6 +4,7 @@
     mmkit train tokenizer-world --out DIR    # run a recipe (what mmkit.hub runs when a checkpoint is missing)
     mmkit params m6-base                     # parameter count per component (meta device: no memory used)
     mmkit bench precision                    # benchmarks print ratios measured side by side
+    mmkit notebooks --execute                # run the notebooks in order and store their outputs
 """
 from __future__ import annotations
 
@@ -177,6 +178,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_notebooks(args: argparse.Namespace) -> int:
+    from mmkit.notebooks import main as notebooks_main
+
+    return notebooks_main(args.rest)
+
+
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from mmkit.tokenizer import decode, load_tokenizer
 
@@ -229,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", action="store_true", help="list the benchmarks")
     b.set_defaults(fn=_cmd_bench)
 
+    n = sub.add_parser("notebooks", help="execute the notebooks and store their outputs, or check them (try --help)",
+                       add_help=False)
+    n.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m mmkit.notebooks")
+    n.set_defaults(fn=_cmd_notebooks)
+
     k = sub.add_parser("tokenize", help="show how a tokenizer splits a text")
     k.add_argument("text")
     k.add_argument("--tokenizer", default="world", help="'world' or a local Hugging Face tokenizer folder")
@@ -237,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["notebooks"]:                     # its own options (--help included) go to mmkit.notebooks
+        return _cmd_notebooks(argparse.Namespace(rest=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):

@@ -160,6 +160,9 @@ def test_arrays_and_tensors_outside_their_range_are_refused(model):
     assert V.answer(model, arr, "what colour is the circle?").answer == "red"
     with pytest.raises(ImageInputError, match=r"float image array holds values from 38 to 252"):
         preprocess_image(arr * 255)
+    assert V.answer(model, lone.double(), "what colour is the circle?").answer == "red"   # was a raw dtype RuntimeError
+    with pytest.raises(ImageInputError, match="Cannot read an image from a int"):
+        preprocess_image(42)                                                              # was an AttributeError
     with pytest.raises(ImageInputError, match="channels first"):
         preprocess_image(np.zeros((3, 40, 40), np.uint8))
     with pytest.raises(ImageInputError, match="values from -3 to 300"):

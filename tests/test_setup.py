@@ -90,6 +90,6 @@ def test_setup_sh_opens_jupyterlab_and_it_answers_on_its_port(tmp_path):
 
 def test_setup_sh_rejects_bad_options():
     for args, message in ((["--port", "abc"], "--port needs a number"), (["--port", "70000"], "--port needs a number"),
-                          (["--frobnicate"], "unknown option")):
+                          (["--port"], "--port needs a number"), (["--frobnicate"], "unknown option")):
         r = subprocess.run(["bash", "setup.sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)

@@ -213,3 +213,7 @@ def test_bad_sampling_settings_fail_when_made_not_inside_the_sampler(tok):
     with pytest.raises(ValueError, match=r"the prompt is too long: \d+ tokens, the model reads at most 48"):
         encode_prompts(tok, ["a small red circle at the top left " * 10])      # was silently cut to 48 tokens
     assert encode_prompts(tok, ["a small red circle"]).shape == (1, 4)
+    for bad, message in (([], "no prompts given"), ([""], "has no words"), (["\x00\x07"], "has no words"),
+                         (["?!"], "has no words")):                            # were drawn from a lone [UNK]
+        with pytest.raises(ValueError, match=message):
+            encode_prompts(tok, bad)

@@ -85,8 +85,11 @@ def open_image(src: Any) -> Image.Image:
                 if p.is_dir():
                     raise ImageInputError(f"{p.name!r} is a folder, not an image file.")
                 fp = p
-            else:
+            elif hasattr(src, "read"):
                 fp = src
+            else:
+                raise ImageInputError(f"Cannot read an image from a {type(src).__name__}; pass a file path, bytes, a "
+                                      "file object, a PIL image or a uint8 numpy array.")
             with warnings.catch_warnings():               # PIL's bomb warning: the size is checked right here
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = Image.open(fp)
@@ -302,5 +305,5 @@ def image_for_model(image: Any, size: int) -> torch.Tensor:
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"image tensors must hold values in [0, 1], this one goes from {lo:g} to {hi:g}"
                              + ("; divide a 0-255 image by 255" if hi > 1.0 else ""))
-        return image
+        return image.float()                  # float64 / float16 in [0, 1] are fine: the models compute in float32
     return preprocess_image(image, size=size).tensor

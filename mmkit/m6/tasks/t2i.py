@@ -41,6 +41,8 @@ unseen pairs, and the recipe reports faithfulness on both.
 """
 from __future__ import annotations
 
+import unicodedata
+
 import math
 import numbers
 import time
@@ -247,13 +249,17 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int = 48, pad_
     ``max_tokens`` is an error (never silently cut: the image would not show what the cut-off words ask for)."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a list of strings, e.g. ['a small red circle at the top left']")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given; pass a list with at least one, e.g. ['a small red circle at the top left']")
     for p in prompts:
+        if not any(unicodedata.category(c)[0] in "LN" for c in p):     # empty, control characters or symbols only
+            raise ValueError(f"the prompt {p[:40]!r} has no words; describe an object, e.g. 'a small red circle at "
+                             "the top left' or '左上角的一个红色小圆形'")
         n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
         if n > max_tokens:
             raise ValueError(f"the prompt is too long: {n} tokens, the model reads at most {max_tokens} (a world "
                              f"caption needs ~12). Describe one object (it began: {p[:60]!r}).")
     out = pad_texts(tokenizer, prompts, max_tokens, pad_id)
-    out[(out == pad_id).all(1), 0] = tokenizer.unk_token_id      # an empty prompt reads as [UNK], never as nothing
     return out
 
 
