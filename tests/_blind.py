@@ -12,12 +12,9 @@ above it, so every VQA accuracy floor in the tests is "blind + margin", computed
 from __future__ import annotations
 
 import functools
-import random
 from typing import Sequence
 
-from mmkit.data.scenes import sample_scenes
-from mmkit.data.text import QTYPES, questions
-from mmkit.evaluation.vqa import AnswerPrior, VQAEval, score_answers
+from mmkit.evaluation.vqa import AnswerPrior, VQAEval, score_answers, world_answer_prior
 
 N_TRAIN_SCENES = 6000          # train scenes the prior is fitted on (the measurement the issue quotes)
 DRAWS_PER_SCENE = 4            # questions drawn per scene and language (VQASampler draws many per scene too)
@@ -25,18 +22,7 @@ DRAWS_PER_SCENE = 4            # questions drawn per scene and language (VQASamp
 
 @functools.lru_cache(maxsize=1)
 def blind_prior(n_scenes: int = N_TRAIN_SCENES, draws: int = DRAWS_PER_SCENE) -> AnswerPrior:
-    rng = random.Random(0)
-    qs, ans, types, langs = [], [], [], []
-    for scene in sample_scenes("train", n_scenes):
-        for lang in ("en", "zh"):
-            by_type: dict = {}
-            for qa in questions(scene, lang):                  # once per scene: sample_question's own draw
-                by_type.setdefault(qa.qtype, []).append(qa)    # (a type uniformly, then a question of it),
-            kinds = [t for t in QTYPES if t in by_type]       # repeated without recomputing the questions
-            for _ in range(draws):
-                qa = rng.choice(by_type[rng.choice(kinds)])
-                qs.append(qa.question), ans.append(qa.answer), types.append(qa.qtype), langs.append(lang)
-    return AnswerPrior.fit(qs, ans, types, langs)
+    return world_answer_prior(n_scenes, draws, seed=0)
 
 
 def blind_eval(prior: AnswerPrior, items: Sequence[tuple[str, str, str, str]]) -> VQAEval:

@@ -20,7 +20,6 @@ mPLUG: relevance of patch n = ReLU(sum_d dlogP/dv_nd * v_nd), the (H/P x W/P) gr
 from __future__ import annotations
 
 import functools
-import random
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -29,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from mmkit.data.preprocess import image_for_model
-from mmkit.data.scenes import SceneBank, sample_scenes
-from mmkit.data.text import QTYPES, answer_vocab, questions
+from mmkit.data.scenes import SceneBank
+from mmkit.data.text import answer_vocab
 from mmkit.data.vqa import VQASampler, eval_questions, normalise_question, question_language
-from mmkit.evaluation.vqa import AnswerPrior, VQAAnswer, VQAEval, normal_answer, score_answers
+from mmkit.evaluation.vqa import (AnswerPrior, VQAAnswer, VQAEval, normal_answer, prior_eval, score_answers,
+                                  world_answer_prior)
 from mmkit.mplug.tasks.inputs import encoder_inputs, teacher_forced
 from mmkit.objectives.lm import IGNORE_INDEX, sequence_logprob
 from mmkit.tokenizer import decode_rows, world_tokenizer
@@ -251,23 +251,11 @@ def finetune_vqa(model, config: VQAConfig | None = None, train_config: TrainConf
 
 
 def fit_answer_prior(n_scenes: int = 6000, draws: int = 4, seed: int = 0) -> AnswerPrior:
-    """The blind baseline's prior (:class:`mmkit.evaluation.vqa.AnswerPrior`) fitted on what :class:`VQASampler`
-    draws from ``n_scenes`` train scenes (a type uniformly among the scene's, then a question of it), both languages,
-    ``draws`` questions per scene and language: the most frequent answer per exact question string."""
-    rng = random.Random(seed)
-    qs, ans, types, langs = [], [], [], []
-    for scene in sample_scenes("train", n_scenes):
-        for lang in ("en", "zh"):
-            by_type: dict = {}
-            for qa in questions(scene, lang):
-                by_type.setdefault(qa.qtype, []).append(qa)
-            kinds = [t for t in QTYPES if t in by_type]
-            for _ in range(draws):
-                qa = rng.choice(by_type[rng.choice(kinds)])
-                qs.append(qa.question), ans.append(qa.answer), types.append(qa.qtype), langs.append(lang)
-    return AnswerPrior.fit(qs, ans, types, langs)
+    """The blind baseline's prior fitted on what :class:`VQASampler` draws from ``n_scenes`` train scenes
+    (:func:`mmkit.evaluation.vqa.world_answer_prior`, with the 6000 scenes the VQA tests use)."""
+    return world_answer_prior(n_scenes, draws, seed)
 
 
 def blind_eval(prior: AnswerPrior, ev: VQAEval) -> VQAEval:
     """What the prior (no image) scores on exactly the questions of ``ev``."""
-    return score_answers([(q, a, prior(q, t, lg), t, lg) for q, a, _, t, lg in ev.records])
+    return prior_eval(prior, ev)
