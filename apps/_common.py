@@ -5,9 +5,15 @@ The apps are scripts (`python apps/NAME.py`); Python puts `apps/` on the path, s
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import re
+import tempfile
 import unicodedata
+from pathlib import Path
 from typing import NamedTuple, Sequence
+
+from mmkit.io import atomic_write_bytes
 
 
 def parse_args(description: str, default_port: int, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -27,6 +33,30 @@ def launch(demo, args: argparse.Namespace, concurrency: int = 1) -> None:
     """Queue requests (one model, 2 cores: users wait their turn instead of slowing each other) and serve."""
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+
+
+class OutputPictures:
+    """Pictures an app returns, written once each under a name of their own; the apps return these paths.
+
+    Why not return the PIL image: gradio stores a returned PIL image under a name derived from its content and
+    rewrites that file on every request, so two concurrent requests that produce the same picture race, and a
+    client can download the file while the other request is rewriting it (seen in CI as "peer closed connection
+    without sending complete message body"). A path is copied by gradio through a staging file and a rename.
+    Only the newest ``keep`` files stay on disk."""
+
+    def __init__(self, prefix: str, keep: int = 256):
+        self.folder = Path(tempfile.mkdtemp(prefix=f"mmkit-{prefix}-out-"))
+        self.keep = keep
+        self._numbers = itertools.count()          # next() on a count is atomic under the GIL: no two share a name
+
+    def save(self, image, stem: str) -> str:
+        n = next(self._numbers)
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        path = self.folder / f"{stem}-{n}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        (self.folder / f"{stem}-{n - self.keep}.png").unlink(missing_ok=True)
+        return str(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class T2IApp:
         self.loaded = self.entry.model()               # load now: the first user does not wait for it
         self.tok = world_tokenizer()
         self.can_rerank = self.entry.can_score(self.loaded)
+        self.pictures = _common.OutputPictures("t2i")
 
     def check_prompt(self, prompt: str | None) -> tuple[str, list[str]]:
         from mmkit.evaluation.faithfulness import parse_prompt
@@ -121,7 +122,7 @@ class T2IApp:
             for k, img in enumerate(self.entry.samples(self.loaded, text, **kw)):
                 images.append(img)
                 check = faithfulness(img, text)
-                gallery.append((_display(img), f"sample {k + 1}: {_verdict(check)}"))
+                gallery.append((self.pictures.save(_display(img), "sample"), f"sample {k + 1}: {_verdict(check)}"))
                 yield gallery, f"Drawing sample {k + 1} of {n}{note} ..."
         except (TypeError, ValueError) as e:              # a prompt or setting the generator refuses
             raise gr.Error(f"Cannot draw this: {e}") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # run from a fresh clone without install
 
-from _common import InputError, clean_text, launch, parse_args, unknown_words  # noqa: E402
+from _common import InputError, OutputPictures, clean_text, launch, parse_args, unknown_words  # noqa: E402
 
 MAX_QUESTION_CHARS = 200
 HEATMAP_METHODS = ("gradcam", "saliency")
@@ -93,6 +93,7 @@ def build_demo():
     models[default_model].model()                      # load now: the first user does not wait for it
     tok = world_tokenizer()
     folder = Path(tempfile.mkdtemp(prefix="mmkit-vqa-"))
+    pictures = OutputPictures("vqa")
     from mmkit.data.world import split_seeds
 
     test_seeds = split_seeds("test", 100_000)
@@ -143,7 +144,8 @@ def build_demo():
                    f"{(t2 - t1) * 1000:.0f} ms, heat map {(t3 - t2) * 1000:.0f} ms) by {model_name}"
                    + ("  \n" + "; ".join(notes) if notes else ""))
         seen = pre.image.resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST)
-        return a.answer, label, _overlay(pre.image, heat), seen, details
+        return (a.answer, label, pictures.save(_overlay(pre.image, heat), "heat"), pictures.save(seen, "seen"),
+                details)
 
     def answer(image, question, model=default_model, heatmap="gradcam"):
         """Answer ``question`` about ``image`` (a file path or URL). Returns the answer text first, then the

@@ -46,3 +46,29 @@ def test_unknown_words_against_a_vocabulary():
         def get_vocab(self):
             return {"a": 0, "red": 1, "circle": 2, "红": 3}
     assert unknown_words(Vocab(), "A red Giraffe circle 红 绿 42") == ["42", "Giraffe", "绿"]
+
+
+def test_output_pictures_get_files_of_their_own_even_when_identical_and_concurrent():
+    """Why the apps return paths: gradio caches a returned PIL image under a content-derived name and rewrites that
+    file per request, so identical outputs of concurrent requests share one file (CI saw a client download it while
+    it was rewritten). OutputPictures gives every picture its own complete file, even 64 identical ones at once,
+    and keeps about the newest `keep`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio.processing_utils import save_pil_to_cache
+    from PIL import Image
+
+    img = Image.new("RGB", (64, 64), (220, 40, 40))
+    with __import__("tempfile").TemporaryDirectory() as cache:
+        assert save_pil_to_cache(img, cache) == save_pil_to_cache(img, cache)      # the shared file of the race
+    out = _common.OutputPictures("test", keep=16)
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda _: out.save(img, "heat"), range(64)))
+    assert len(set(paths)) == 64
+    left = sorted(out.folder.iterdir())
+    names = {p.name for p in left}
+    # the newest 16 stay; a save that finished after its successor's clean-up may linger (at most one per thread)
+    assert names >= {f"heat-{n}.png" for n in range(48, 64)} and len(left) <= 16 + 8, names
+    for p in left:
+        with Image.open(p) as im:
+            assert im.size == (64, 64) and im.getpixel((5, 5)) == (220, 40, 40)

@@ -1,11 +1,12 @@
 """mmkit.scale: the memory estimator against measured CPU peak memory (within 15%), and the FLOPs / throughput plan.
 
 Measured in a fresh process (tests/_memory_worker.py): a 13.2M-parameter M6 (d_model 512, 4 layers, 112 tokens,
-batch 16) trains 2 AdamW steps, fp32; its peak resident memory above the baseline (taken after one step of a tiny copy,
-so the runtime's one-time buffers are not counted) is compared with estimate_memory(...).peak. glibc's malloc keeps
-freed large blocks inside the heap once its mmap threshold has adapted upwards, so the peak RSS would count freed
-tensors again; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold, so RSS follows the live tensors (as a GPU
-allocator's max_memory_allocated does).
+batch 16) trains 2 AdamW steps, fp32. The asserted number is the high-water mark of live tensor storage, counted at
+the operator level (a TorchDispatchMode that adds each new storage and subtracts it when it is freed): the CPU
+counterpart of a GPU allocator's max_memory_allocated, which is what the estimator predicts. The process's peak RSS
+above its baseline is printed beside it (on this machine 417 vs 411 MiB without checkpointing), but not asserted:
+how a host reports ru_maxrss differs between sandboxes (one CI host reported 1113 MiB for both runs) and malloc's
+caching adds its own slack.
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def test_estimate_matches_measured_cpu_peak(measured, checkpointing):
     w = Workload([Stack("m6", m["n_layers"], m["tokens"], m["d_model"], m["n_heads"], m["d_ff"])],
                  predicted=m["predicted"], vocab=m["vocab"])
     est = estimate_memory(m["params"], w, m["batch"], precision="no", checkpointing=bool(checkpointing), cpu=True)
-    ratio = est.peak / m["peak_delta"]
-    print(f"checkpointing={checkpointing}: measured {m['peak_delta'] / 2**20:.0f} MiB, "
-          f"estimated {est.peak / 2**20:.0f} MiB (ratio {ratio:.3f})")
+    ratio = est.peak / m["tensor_peak"]
+    print(f"checkpointing={checkpointing}: measured tensor peak {m['tensor_peak'] / 2**20:.0f} MiB "
+          f"(process RSS above baseline {m['peak_delta'] / 2**20:.0f} MiB), estimated {est.peak / 2**20:.0f} MiB "
+          f"(ratio {ratio:.3f})")
     assert abs(ratio - 1) < TOL, (ratio, m, est)
 
 
