@@ -30,8 +30,8 @@ the output layer's logits and their log-softmax (2 V values per predicted token,
 
 The peak of a step is not the plain sum: backward frees a layer's activations as it writes that layer's gradients,
 so the peak is ``parameters + optimizer + max(activations, gradients) + one layer's backward workspace`` (the sum is
-also reported as ``upper``). The estimate is compared with the measured peak resident memory of a CPU training run
-in tests/test_scaled_memory.py (within 15%).
+also reported as ``upper``). The estimate is compared with the measured peak of live tensor storage of a CPU
+training run in tests/test_scaled_memory.py (within 15%).
 """
 from __future__ import annotations
 
