@@ -46,8 +46,27 @@ from mmkit.tokenizer import decode_rows
 
 __all__ = [
     "MMKitGenerationConfig", "HFGenerationAdapter", "register_cached_forward", "DECODING", "decode_texts",
-    "language_token_mask", "first_token_language", "FirstTokenLanguage",
+    "language_token_mask", "first_token_language", "FirstTokenLanguage", "sample_next",
 ]
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next ids: argmax, or a draw from softmax(logits / temperature) restricted to the
+    ``top_k`` most likely tokens and / or the smallest set with probability >= ``top_p`` (nucleus). The one
+    sampling step of the models' own decoding loops (M6, mPLUG); transformers' generate() has its own."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]       # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, idx = logits.sort(dim=-1, descending=True)
+        p = srt.softmax(dim=-1)
+        drop = p.cumsum(dim=-1) - p >= top_p                  # tokens after the nucleus already reached top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 # =========================================================================================================

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from typing import Sequence
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from mmkit.data.scenes import SceneBank
 from mmkit.data.text import QTYPES, questions, sample_question
 
-__all__ = ["question_language", "normalise_question", "VQASampler", "eval_questions"]
+__all__ = ["question_language", "normalise_question", "check_question", "VQASampler", "eval_questions"]
 
 _CJK = re.compile(r"[\u3400-\u9fff\uff01-\uff1f]")
 
@@ -40,6 +41,22 @@ def normalise_question(question: str) -> str:
     else:
         q = re.sub(r"[?？。!！\s]*$", "", q) + "？"
     return q
+
+
+def check_question(question) -> str:
+    """``question`` with control / invisible characters turned into spaces, or a ValueError when it is not a string,
+    is empty, or holds no word (letters or digits) at all: a question of control characters or symbols is refused,
+    not answered."""
+    if not isinstance(question, str):
+        raise ValueError(f"the question must be a string, got {type(question).__name__}; ask e.g. "
+                         "'what colour is the circle?'")
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") else c for c in question)
+    if not question.strip():
+        raise ValueError("the question is empty; ask e.g. 'what colour is the circle?' or '圆形是什么颜色的？'")
+    if not any(unicodedata.category(c)[0] in "LN" for c in text):
+        raise ValueError("the question has no words (only control characters, symbols or punctuation); ask e.g. "
+                         "'what colour is the circle?'")
+    return text
 
 
 class VQASampler:

@@ -15,12 +15,16 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
 
 from mmkit.data.scenes import sample_scenes
-from mmkit.data.text import QTYPES, questions
+from mmkit.data.text import QTYPES, answer_vocab, questions
 
-__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "world_answer_prior", "prior_eval"]
+__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "world_answer_prior", "prior_eval",
+           "ranked_answer", "pixel_saliency", "unit_heat"]
 
 
 class VQAAnswer(NamedTuple):
@@ -45,6 +49,36 @@ class VQAEval(NamedTuple):
 def normal_answer(text: str) -> str:
     """Answers compare lower-cased with single spaces: "Top  Left" == "top left"."""
     return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def ranked_answer(generated: str, question: str, lang: str, log_probs: Callable[[list[str]], torch.Tensor],
+                  top_k: int = 5) -> VQAAnswer:
+    """A generated answer with its confidence and the alternatives, as every generative system's ``answer()`` gives
+    them: the world's answers of ``lang`` (plus the generated text when it is none of them) are scored by the
+    model, ``log_probs(candidates) -> (K,)`` log P(candidate + [EOS] | image, question); the confidence is the
+    generated answer's probability, the alternatives the top ``top_k`` world answers by probability."""
+    vocab = list(answer_vocab(lang))
+    norm = normal_answer(generated)
+    match = next((a for a in vocab if normal_answer(a) == norm), None)
+    cands = vocab if match is not None or not norm else vocab + [generated]
+    probs = log_probs(cands).exp()                                                        # (K,)
+    order = probs.argsort(descending=True).tolist()
+    own = cands.index(match) if match is not None else (len(cands) - 1 if norm else None)
+    conf = float(probs[own]) if own is not None else 0.0
+    alts = [(cands[k], float(probs[k])) for k in order if k < len(vocab)][:top_k]
+    return VQAAnswer(match if match is not None else generated, conf, alts, question, lang, match is not None)
+
+
+def pixel_saliency(grad: torch.Tensor) -> torch.Tensor:
+    """(1, 3, S, S) gradient of log P(answer) w.r.t. the pixels -> (S, S) |gradient| (max over colour), smoothed
+    by a 3x3 average: the heat maps' "saliency" method."""
+    return F.avg_pool2d(grad.abs().amax(1, keepdim=True), 3, stride=1, padding=1)[0, 0]
+
+
+def unit_heat(heat: torch.Tensor) -> torch.Tensor:
+    """A heat map scaled to [0, 1] (1 = most relevant); all zeros stays zeros."""
+    heat = heat.detach()
+    return heat / heat.max() if float(heat.max()) > 0 else heat
 
 
 def score_answers(records: Sequence[tuple[str, str, str, str, str]]) -> VQAEval:

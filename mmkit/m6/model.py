@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkit.generation import register_cached_forward
+from mmkit.generation import register_cached_forward, sample_next
 from mmkit.m6.masking import IGNORE_INDEX, SEG_DECODER, SEG_ENCODER, SEG_PAD, SEG_VISUAL, TaskBatch, unified_mask
 from mmkit.nn import (ConvFeatureExtractor, KVCache, PatchFeatures, PositionEmbedding, PositionEmbedding2D,
                       TransformerBlock, TypeEmbedding, evaluating, init_weights)
@@ -414,8 +414,10 @@ class M6Model(nn.Module):
                     h = self.forward(images, encoder_ids, dec, segment_ids=seg).hidden_states
                 logits = self.lm_head(h[:, -1]).float()                                     # (B, V)
                 out_logits.append(logits)
-                nxt = self._pick(logits, out_ids, do_sample, temperature, top_k, top_p, generator,
-                                 logits_processor)                                          # (B,)
+                if logits_processor is not None:
+                    so_far = torch.stack(out_ids, 1) if out_ids else logits.new_zeros(B, 0, dtype=torch.long)
+                    logits = logits_processor(so_far, logits)
+                nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)   # (B,)
                 nxt = torch.where(done, c.pad_token_id, nxt)
                 out_ids.append(nxt)
                 done = done | (nxt == c.eos_token_id)
@@ -458,24 +460,6 @@ class M6Model(nn.Module):
             h = self._transform(x, mask[:, None], caches)                                # (B, t, D)
         return self.lm_head(h[:, -t:])                                                   # (B, t, V)
 
-    @staticmethod
-    def _pick(logits, out_ids, do_sample, temperature, top_k, top_p, generator, logits_processor):
-        if logits_processor is not None:
-            so_far = torch.stack(out_ids, 1) if out_ids else logits.new_zeros(logits.shape[0], 0, dtype=torch.long)
-            logits = logits_processor(so_far, logits)
-        if not do_sample:
-            return logits.argmax(dim=-1)                                              # greedy
-        logits = logits / temperature
-        if top_k is not None and top_k > 0:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]   # (B, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            srt, idx = logits.sort(dim=-1, descending=True)
-            p = srt.softmax(dim=-1)
-            drop = p.cumsum(dim=-1) - p >= top_p        # tokens after the nucleus already reached top_p
-            logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)          # (B,)
 
 
 # ---------------------------------------------------------------------------------------------------------

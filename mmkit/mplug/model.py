@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from mmkit.generation import HFGenerationAdapter, MMKitGenerationConfig, register_cached_forward
+from mmkit.generation import HFGenerationAdapter, MMKitGenerationConfig, register_cached_forward, sample_next
 from mmkit.nn import (ACTIVATIONS, ConvFeatureExtractor, FeedForward, ImageEmbeddings, KVCache, TextEmbeddings,
                       TransformerBlock, init_weights, padding_mask)
 from mmkit.objectives.itc import (FeatureQueue, QueueConfig, Temperature, TemperatureConfig, momentum_copy,
@@ -81,7 +81,7 @@ __all__ = [
     "MPLUGConfig", "MPLUG", "MPLUGOutput", "Context", "FusionOutput", "Generation", "FUSIONS", "fusion_plan",
     "QuickGELU", "feed_forward", "ConvPatches", "VisionEncoder", "TextEncoder", "FusionNetwork", "CoAttentionLayer", "TextDecoder",
     "LMHead", "ClassifierHead", "ContextCache", "MOMENTUM_PARTS", "MPLUGClassifierConfig", "MPLUGForClassification",
-    "FULL_SIZE", "OFFICIAL_PARAMS", "sample_next", "TINY",
+    "FULL_SIZE", "OFFICIAL_PARAMS", "TINY",
 ]
 
 FUSIONS: tuple[str, ...] = ("skip", "connected", "co_attention", "asymmetric")   # Figure 1 (a)-(c), Figure 4
@@ -937,23 +937,6 @@ class MPLUG(nn.Module):
         return out
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next ids: argmax, or a draw from softmax(logits / temperature) restricted to the
-    ``top_k`` most likely tokens and / or the smallest set with probability >= ``top_p`` (nucleus).
-    (M6 has the same loop: this belongs in mmkit.generation.)"""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]       # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        srt, idx = logits.sort(dim=-1, descending=True)
-        p = srt.softmax(dim=-1)
-        drop = p.cumsum(dim=-1) - p >= top_p                  # tokens after the nucleus already reached top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 # =========================================================================================================

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import numbers
 import time
-import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -49,8 +48,8 @@ import torch.nn.functional as F
 from mmkit.data.preprocess import image_for_model
 from mmkit.data.scenes import SceneBank
 from mmkit.data.text import answer_vocab
-from mmkit.data.vqa import VQASampler, eval_questions, normalise_question, question_language
-from mmkit.evaluation.vqa import VQAAnswer, VQAEval, normal_answer, score_answers
+from mmkit.data.vqa import VQASampler, check_question, eval_questions, normalise_question, question_language
+from mmkit.evaluation.vqa import VQAAnswer, VQAEval, pixel_saliency, ranked_answer, score_answers, unit_heat
 from mmkit.generation import HFGenerationAdapter
 from mmkit.m6.masking import IGNORE_INDEX, collate, task_example
 from mmkit.m6.model import IMAGE_SIDE
@@ -77,22 +76,6 @@ def vqa_prompt(question: str) -> str:
 
 MAX_PROMPT_TOKENS = 48             # the encoder text the model reads (VQAConfig.max_prompt_tokens); the world's
                                    # longest question with its "answer:" marker is ~25 tokens
-
-
-def check_question(question) -> str:
-    """``question`` with control / invisible characters turned into spaces, or a ValueError when it is not a string,
-    is empty, or holds no word (letters or digits) at all: a question of control characters or symbols is refused,
-    not answered."""
-    if not isinstance(question, str):
-        raise ValueError(f"the question must be a string, got {type(question).__name__}; ask e.g. "
-                         "'what colour is the circle?'")
-    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") else c for c in question)
-    if not question.strip():
-        raise ValueError("the question is empty; ask e.g. 'what colour is the circle?' or '圆形是什么颜色的？'")
-    if not any(unicodedata.category(c)[0] in "LN" for c in text):
-        raise ValueError("the question has no words (only control characters, symbols or punctuation); ask e.g. "
-                         "'what colour is the circle?'")
-    return text
 
 
 def _encode_prompts(tok, questions: Sequence[str], pad_id: int, max_len: int = MAX_PROMPT_TOKENS) -> torch.Tensor:
@@ -249,17 +232,7 @@ def answer(model, image, question: str, tokenizer=None, top_k: int = 5, num_beam
     lang = question_language(q)
     with evaluating(model):
         text = answer_batch(model, x, [q], tok, max_new_tokens, num_beams)[0]
-        vocab = list(answer_vocab(lang))
-        norm = normal_answer(text)
-        match = next((a for a in vocab if normal_answer(a) == norm), None)
-        cands = vocab if match is not None or not norm else vocab + [text]
-        lp = score_candidates(model, x, [q], [cands], tok)[0]                             # (K,)
-    probs = lp.exp()
-    order = probs.argsort(descending=True).tolist()
-    own = cands.index(match) if match is not None else (len(cands) - 1 if norm else None)
-    conf = float(probs[own]) if own is not None else 0.0
-    alts = [(cands[k], float(probs[k])) for k in order if k < len(vocab)][:top_k]
-    return VQAAnswer(match if match is not None else text, conf, alts, q, lang, match is not None)
+        return ranked_answer(text, q, lang, lambda cands: score_candidates(model, x, [q], [cands], tok)[0], top_k)
 
 
 def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None,
@@ -304,12 +277,11 @@ def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None
                 heat = F.interpolate(cam, size=(S, S), mode="bilinear", align_corners=False)[0, 0]
             else:
                 (g,) = torch.autograd.grad(logp, x)
-                heat = F.avg_pool2d(g.abs().amax(1, keepdim=True), 3, stride=1, padding=1)[0, 0]
+                heat = pixel_saliency(g)
     finally:
         if handle is not None:
             handle.remove()
-    heat = heat.detach()
-    return heat / heat.max() if float(heat.max()) > 0 else heat
+    return unit_heat(heat)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 
 from mmkit.data.preprocess import image_for_model
 from mmkit.data.scenes import SceneBank
-from mmkit.data.text import answer_vocab
-from mmkit.data.vqa import VQASampler, eval_questions, normalise_question, question_language
-from mmkit.evaluation.vqa import (AnswerPrior, VQAAnswer, VQAEval, normal_answer, prior_eval, score_answers,
-                                  world_answer_prior)
+from mmkit.data.vqa import VQASampler, check_question, eval_questions, normalise_question, question_language
+from mmkit.evaluation.vqa import (AnswerPrior, VQAAnswer, VQAEval, pixel_saliency, prior_eval, ranked_answer,
+                                  score_answers, unit_heat, world_answer_prior)
 from mmkit.mplug.tasks.inputs import encoder_inputs, teacher_forced
 from mmkit.objectives.lm import IGNORE_INDEX, sequence_logprob
 from mmkit.tokenizer import decode_rows, world_tokenizer
@@ -138,24 +137,14 @@ def answer(model, image, question: str, tokenizer=None, top_k: int = 5, num_beam
 
     ``image``: float (3, S, S) in [0, 1] or anything :func:`mmkit.data.preprocess.preprocess_image` opens.
     """
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty; ask e.g. 'what colour is the circle?' or '圆形是什么颜色的？'")
+    question = check_question(question)
     tok = tokenizer if tokenizer is not None else world_tokenizer()
     x = image_for_model(image, model.config.image_size)[None]                            # (1, 3, S, S)
     q = normalise_question(question)
     lang = question_language(q)
     with evaluating(model):
         text = answer_batch(model, x, [q], tok, max_new_tokens, num_beams)[0]
-        vocab = list(answer_vocab(lang))
-        norm = normal_answer(text)
-        match = next((a for a in vocab if normal_answer(a) == norm), None)
-        cands = vocab if match is not None or not norm else vocab + [text]
-        probs = score_candidates(model, x, [q], [cands], tok)[0].exp()                  # (K,)
-    order = probs.argsort(descending=True).tolist()
-    own = cands.index(match) if match is not None else (len(cands) - 1 if norm else None)
-    conf = float(probs[own]) if own is not None else 0.0
-    alts = [(cands[k], float(probs[k])) for k in order if k < len(vocab)][:top_k]
-    return VQAAnswer(match if match is not None else text, conf, alts, q, lang, match is not None)
+        return ranked_answer(text, q, lang, lambda cands: score_candidates(model, x, [q], [cands], tok)[0], top_k)
 
 
 def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None,
@@ -179,15 +168,14 @@ def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None
             x.requires_grad_(True)
             logp = sequence_logprob(model(x, ids, dec, encoder_mask=mask).logits, labels)[0]
             (grad,) = torch.autograd.grad(logp, x)
-            heat = F.avg_pool2d(grad.abs().amax(1, keepdim=True), 3, stride=1, padding=1)[0, 0]
+            heat = pixel_saliency(grad)
         else:
             v = model.embed_image(x).detach().requires_grad_(True)                     # (1, 1 + N, D) v^0
             logp = sequence_logprob(model(None, ids, dec, encoder_mask=mask, image_embeds=v).logits, labels)[0]
             (grad,) = torch.autograd.grad(logp, v)
             cam = (grad * v)[0, 1:].sum(-1).relu().view(1, 1, g, g)                     # patches only, (1, 1, g, g)
             heat = F.interpolate(cam, size=(S, S), mode="bilinear", align_corners=False)[0, 0]
-    heat = heat.detach().cpu()
-    return heat / heat.max() if float(heat.max()) > 0 else heat
+    return unit_heat(heat.cpu())
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from mmkit.data.preprocess import image_for_model
 from mmkit.data.scenes import SceneBank
 from mmkit.data.text import answer_vocab
 from mmkit.data.vqa import VQASampler, eval_questions, normalise_question, question_language
-from mmkit.evaluation.vqa import VQAAnswer, VQAEval, score_answers
+from mmkit.evaluation.vqa import VQAAnswer, VQAEval, pixel_saliency, score_answers, unit_heat
 from mmkit.tokenizer import world_tokenizer
 from mmkit.train import TrainConfig, evaluating, freeze, train, unwrap
 
@@ -183,12 +183,11 @@ def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None
                 heat = F.interpolate(cam, size=(S, S), mode="bilinear", align_corners=False)[0, 0]
             else:
                 (grad,) = torch.autograd.grad(logits[k], x)
-                heat = F.avg_pool2d(grad.abs().amax(1, keepdim=True), 3, stride=1, padding=1)[0, 0]
+                heat = pixel_saliency(grad)
     finally:
         if handle is not None:
             handle.remove()
-    heat = heat.detach()
-    return heat / heat.max() if float(heat.max()) > 0 else heat
+    return unit_heat(heat)
 
 
 # ---------------------------------------------------------------------------------------------------------
