@@ -8,6 +8,7 @@ import argparse
 import io
 import itertools
 import re
+import socket
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -29,10 +30,29 @@ def parse_args(description: str, default_port: int, argv: Sequence[str] | None =
     return args
 
 
+def check_port(args: argparse.Namespace) -> None:
+    """Exit with a message (status 2) when ``--host`` / ``--port`` cannot be listened on: checked before the models
+    load, so a busy port is said at once instead of as a gradio traceback after the wait."""
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as uvicorn binds: TIME_WAIT is no obstacle
+            s.bind((args.host, args.port))
+    except OSError as e:
+        other = args.port + 1 if args.port < 65535 else args.port - 1
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror or e}). Another program "
+                         f"(or another copy of this app) may be using the port: pick another one with --port {other}, "
+                         "or stop what is using it.") from None
+
+
 def launch(demo, args: argparse.Namespace, concurrency: int = 1) -> None:
     """Queue requests (one model, 2 cores: users wait their turn instead of slowing each other) and serve."""
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    except OSError as e:                      # the port was taken while the models loaded
+        check_port(args)
+        raise SystemExit(f"error: the app could not start on {args.host}:{args.port}: {e}") from None
 
 
 class OutputPictures:

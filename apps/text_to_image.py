@@ -66,16 +66,16 @@ class T2IApp:
         try:
             clean = _common.clean_text(prompt, field="prompt", max_chars=300, example=EXAMPLE)
         except _common.InputError as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(str(e), print_exception=False) from None
         unknown = _common.unknown_words(self.tok, clean.text)
         if unknown:
             raise gr.Error(f"Unknown word{'s' * (len(unknown) > 1)}: {', '.join(unknown[:8])}. The model knows the "
                            "Shapes World's words: sizes (small, large), colours (red, green, blue, yellow, purple, "
                            "orange), shapes (circle, square, triangle) and positions (top left ... bottom right, "
-                           f"center), in English or Chinese. Try: {EXAMPLE}")
+                           f"center), in English or Chinese. Try: {EXAMPLE}", print_exception=False)
         if not parse_prompt(clean.text):
-            raise gr.Error(f"The prompt names no shape. Name one: circle, square or triangle (圆形, 正方形, 三角形), "
-                           f"e.g. {EXAMPLE}")
+            raise gr.Error("The prompt names no shape. Name one: circle, square or triangle (圆形, 正方形, 三角形), "
+                           f"e.g. {EXAMPLE}", print_exception=False)
         return clean.text, clean.notes
 
     def check_settings(self, top_k, temperature, n_samples, seed) -> dict:
@@ -85,7 +85,7 @@ class T2IApp:
         of 10**30) used to fail inside the loop below, outside any error handling."""
         def number(name, v, lo, hi, whole=False):
             kind = "a whole number" if whole else "a number"
-            bad = gr.Error(f"{name} must be {kind} from {lo} to {hi}, got {v!r}.")
+            bad = gr.Error(f"{name} must be {kind} from {lo} to {hi}, got {v!r}.", print_exception=False)
             if isinstance(v, bool):
                 raise bad
             if isinstance(v, int):                        # exact, even beyond float precision (seeds)
@@ -125,10 +125,11 @@ class T2IApp:
                 gallery.append((self.pictures.save(_display(img), "sample"), f"sample {k + 1}: {_verdict(check)}"))
                 yield gallery, f"Drawing sample {k + 1} of {n}{note} ..."
         except (TypeError, ValueError) as e:              # a prompt or setting the generator refuses
-            raise gr.Error(f"Cannot draw this: {e}") from None
+            raise gr.Error(f"Cannot draw this: {e}", print_exception=False) from None
         except Exception as e:                           # a bug: say so briefly; the log has the traceback
             traceback.print_exc()
-            raise gr.Error(f"The generator failed ({type(e).__name__}); try another prompt or setting.") from None
+            raise gr.Error(f"The generator failed ({type(e).__name__}); try another prompt or setting.",
+                           print_exception=False) from None
         secs = time.perf_counter() - t0
         status = f"{len(images)} samples in {secs:.1f} s ({secs / len(images):.2f} s per image){note}."
         if rerank and self.can_rerank:
@@ -188,6 +189,7 @@ def build_demo(app: T2IApp) -> gr.Blocks:
 
 def main(argv=None) -> None:
     args = _common.parse_args("mmkit text-to-image (M6 §4.1)", 7860, argv)
+    _common.check_port(args)
     t0 = time.perf_counter()
     app = T2IApp()
     print(f"models loaded in {time.perf_counter() - t0:.1f} s (rerank: {'on' if app.can_rerank else 'unavailable'})",

@@ -31,6 +31,7 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 
@@ -40,7 +41,7 @@ from mmkit.io import atomic_write_json, fast_mode, make_tmp_dir, recover_dir, re
 
 __all__ = ["SHIPPED_DIR", "NAME_PATTERN", "CheckpointError", "cache_root", "check_name", "find_checkpoint",
            "checkpoint_dir", "load", "load_path", "load_model_dir", "load_weights", "read_json", "run_recipe",
-           "read_recipe_info", "recipe_names", "verify_checkpoint", "rebuild_hint", "file_hashes"]
+           "read_recipe_info", "recipe_names", "verify_checkpoint", "rebuild_hint", "file_hashes", "check_device"]
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 RECIPE_FILE = "recipe.json"
@@ -118,12 +119,31 @@ def load(name: str, device: str = "cpu"):
 
     Names only: a folder is loaded with :func:`load_path`.
     """
-    return load_path(checkpoint_dir(check_name(name)), device=device)
+    return load_path(checkpoint_dir(check_name(name)), device=check_device(device))
+
+
+def check_device(device) -> str:
+    """``device`` as a string torch accepts and this machine has, or a ValueError that says what is available
+    (checked before any file is read, so a wrong device is never mistaken for a damaged checkpoint)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({str(e).splitlines()[0][:100]}); use 'cpu'"
+                         f"{' or cuda' if torch.cuda.is_available() else ''}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+                         "use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: checkpoints load on 'cpu' or 'cuda', not {dev.type!r}")
+    return str(dev)
 
 
 def load_path(folder: str | Path, device: str = "cpu"):
     """Load the checkpoint folder ``folder`` (explicitly a path) with the loader of its ``kind`` (recipe.json;
     a folder without one is read as a model: config.json + model.safetensors), after checking its sha256s."""
+    device = check_device(device)
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a checkpoint folder (it does not exist or is a file)")
@@ -205,27 +225,34 @@ def file_hashes(d: str | Path) -> dict[str, str]:
 
 
 def verify_checkpoint(d: str | Path) -> None:
-    """Check every file recipe.json records a sha256 for; raise :class:`CheckpointError` naming the first bad one.
+    """Check every file whose sha256 the folder records: in recipe.json (:func:`run_recipe`) and in
+    trainer_state.json (``mmkit.train.save_checkpoint``); raise :class:`CheckpointError` naming the first bad one.
 
-    A folder without recorded hashes (written before they were recorded, or by ``save_checkpoint``) passes.
+    A folder that records no hashes (written before they were recorded, or with its records removed) cannot be
+    checked and passes.
     """
     d = Path(d)
-    hashes = read_recipe_info(d).get("sha256")
-    if not hashes:
-        return
-    if not isinstance(hashes, dict):
-        raise CheckpointError(f"{d / RECIPE_FILE}: 'sha256' must map file names to hashes; {rebuild_hint(d)}")
-    for fname, want in hashes.items():
-        f = d / fname
-        if "/" in fname or "\\" in fname or fname.startswith("."):
-            raise CheckpointError(f"{d / RECIPE_FILE}: {fname!r} is not a file name of the folder; {rebuild_hint(d)}")
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing (recipe.json records it); {rebuild_hint(d)}")
-        got = sha256_file(f)
-        if got != want:
-            raise CheckpointError(f"{f} is corrupt: its sha256 is {got[:16]}..., recipe.json records {str(want)[:16]}... "
-                                  f"(a damaged, truncated or replaced file). {rebuild_hint(d)[:1].upper()}"
-                                  f"{rebuild_hint(d)[1:]}.")
+    records = [(RECIPE_FILE, read_recipe_info(d).get("sha256"))]
+    state = d / "trainer_state.json"
+    if state.is_file():
+        info = read_json(state, "trainer state", rebuild_hint(d))
+        records.append((state.name, info.get("sha256") if isinstance(info, dict) else None))
+    for source, hashes in records:
+        if not hashes:
+            continue
+        if not isinstance(hashes, dict):
+            raise CheckpointError(f"{d / source}: 'sha256' must map file names to hashes; {rebuild_hint(d)}")
+        for fname, want in hashes.items():
+            f = d / fname
+            if "/" in fname or "\\" in fname or fname.startswith("."):
+                raise CheckpointError(f"{d / source}: {fname!r} is not a file name of the folder; {rebuild_hint(d)}")
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing ({source} records it); {rebuild_hint(d)}")
+            got = sha256_file(f)
+            if got != want:
+                raise CheckpointError(f"{f} is corrupt: its sha256 is {got[:16]}..., {source} records "
+                                      f"{str(want)[:16]}... (a damaged, truncated or replaced file). "
+                                      f"{rebuild_hint(d)[:1].upper()}{rebuild_hint(d)[1:]}.")
 
 
 def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | None = None) -> None:

@@ -46,8 +46,8 @@ from mmkit.hub import CheckpointError, verify_checkpoint
 from mmkit.io import atomic_write_text
 from mmkit.nn.blocks import TransformerBlock
 from mmkit.nn.moe import ExpertParallelMoE, MoEFeedForward, ddp_ignore_expert_params, is_expert_param
-from mmkit.train import (TrainConfig, TrainResult, end_training, expert_param_names, expert_ranges,
-                         latest_checkpoint, launcher_strategy, load_checkpoint, local_clip_fn, train)
+from mmkit.train import (TrainConfig, TrainResult, check_train_config, end_training, expert_param_names,
+                         expert_ranges, latest_checkpoint, launcher_strategy, load_checkpoint, local_clip_fn, train)
 
 __all__ = ["RunConfig", "RunContext", "RunParts", "RunResult", "load_run_config", "apply_overrides",
            "enable_activation_checkpointing", "init_experts_by_index", "load_init", "InitReport", "run",
@@ -82,7 +82,13 @@ class RunConfig:
         if "betas" in kw:
             kw["betas"] = tuple(kw["betas"])
         kw.setdefault("out_dir", self.out_dir)
-        return TrainConfig(**kw)
+        cfg = TrainConfig(**kw)
+        try:
+            check_train_config(cfg)                     # before anything runs, --dry-run included
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e} (the run config's train: section or a train.KEY=VALUE override)") \
+                from None
+        return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Special tokens every model of the kit uses: [PAD] [UNK] [CLS] [SEP] [MASK] [BOS]
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import threading
 from pathlib import Path
@@ -29,11 +30,11 @@ from transformers import PreTrainedTokenizerFast
 
 import mmkit.registry as registry
 from mmkit.data import text_corpus
-from mmkit.hub import checkpoint_dir, verify_checkpoint
+from mmkit.hub import checkpoint_dir, read_json, verify_checkpoint
 
 __all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "SpecialIds", "KitTokenizer", "train_tokenizer", "train_world_tokenizer",
            "load_tokenizer", "world_tokenizer", "pad_ids", "pad_texts", "decode", "decode_rows", "join_text",
-           "add_image_code_tokens", "add_coordinate_tokens"]
+           "add_image_code_tokens", "add_coordinate_tokens", "tokenizer_or_world"]
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
 # The kit's tokenizer is trained on the world's text, but people type other words: seed the alphabet so any
@@ -239,6 +240,9 @@ def load_tokenizer(name_or_path: str | Path = "world"):
         kit = json.loads(cfg_file.read_text(encoding="utf-8")).get("tokenizer_class") == "KitTokenizer"
     except (OSError, ValueError, AttributeError):
         kit = False
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / f).exists():
+            read_json(path / f, "tokenizer file", f"write the folder again with tokenizer.save_pretrained({str(path)!r})")
     tok = (KitTokenizer if kit else AutoTokenizer).from_pretrained(path, local_files_only=True)
     for name, tok_str in (("bos_token", "[BOS]"), ("eos_token", "[EOS]")):
         # BERT tokenizers have no BOS/EOS; decoders of the kit need them: add them as new special tokens.
@@ -278,7 +282,14 @@ def join_text(text: str) -> str:
 
 
 def decode(tok, ids, skip_special_tokens: bool = True) -> str:
-    """``tok.decode`` plus :func:`join_text`: readable English and Chinese."""
+    """``tok.decode`` plus :func:`join_text`: readable English and Chinese. Ids outside the vocabulary raise a
+    ValueError that names them (``tok.decode`` would drop them silently or overflow)."""
+    flat = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    n = len(tok)
+    bad = [i for i in flat if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < n]
+    if bad:
+        raise ValueError(f"decode: ids must be whole numbers from 0 to {n - 1} (this tokenizer's vocabulary), got "
+                         f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
     # WordPiece's decoder re-attaches , . ! ? ' but leaves "background : a ..."; re-attach : and ; too.
     return re.sub(r" (?=[:;])", "", join_text(tok.decode(ids, skip_special_tokens=skip_special_tokens)))
 
@@ -298,6 +309,17 @@ def world_tokenizer():
         return _WORLD["tok"]
 
 
+def tokenizer_or_world(tokenizer=None):
+    """``tokenizer`` if it is one (callable, with ``decode``), the shared world tokenizer for None, else a ValueError
+    that says what to pass (e.g. ``tokenizer='world'`` would fail deep inside as "'str' object is not callable")."""
+    if tokenizer is None:
+        return world_tokenizer()
+    if isinstance(tokenizer, (str, bytes)) or not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise ValueError(f"tokenizer must be a tokenizer object (e.g. mmkit.tokenizer.world_tokenizer() or "
+                         f"load_tokenizer(folder)) or None for the world tokenizer, got {tokenizer!r:.60}")
+    return tokenizer
+
+
 def pad_ids(seqs: Sequence, value: int, min_width: int = 0) -> torch.Tensor:
     """Right-pad id sequences (lists or 1-D tensors) with ``value`` into one (B, W) long tensor, W = the longest
     (at least ``min_width``)."""
@@ -315,17 +337,20 @@ def pad_texts(tok, texts: Sequence[str], max_len: int, pad_id: int | None = None
     """
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a list of str, e.g. ['a red circle at the top']")
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 1:
+        raise ValueError(f"pad_texts: max_len must be a whole number >= 1 (tokens kept per text), got {max_len!r}")
     ids = [x[:max_len] for x in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
     return pad_ids(ids, tok.pad_token_id if pad_id is None else pad_id, min_width=1)
 
 
 def decode_rows(tok, seqs: torch.Tensor, eos_id: int) -> list[str]:
-    """Generated ids (B, T) -> B readable strings, each cut at its first ``eos_id``."""
-    out = []
+    """Generated ids (B, T) -> B readable strings, each cut at its first ``eos_id``. Ids a model's (padded) output
+    layer has beyond the tokenizer's vocabulary read as [UNK] (an untrained model can sample them)."""
+    out, n = [], len(tok)
     for row in seqs.tolist():
         if eos_id in row:
             row = row[:row.index(eos_id)]
-        out.append(decode(tok, row))
+        out.append(decode(tok, [i if 0 <= i < n else tok.unk_token_id for i in row]))
     return out
 
 

@@ -70,6 +70,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import pickle
 import random
@@ -86,7 +87,7 @@ import torch
 import torch.nn as nn
 
 from mmkit.config import config_to_dict
-from mmkit.hub import CheckpointError, load_weights, read_json, verify_checkpoint
+from mmkit.hub import CheckpointError, file_hashes, load_weights, read_json, verify_checkpoint
 from mmkit.io import atomic_write_json, make_tmp_dir, recover_dir, replace_dir, share_files
 from mmkit.nn.modes import evaluating  # noqa: F401  (re-exported: tasks evaluate models with it)
 from mmkit.nn.moe import ExpertParallelMoE, MoEFeedForward
@@ -96,7 +97,7 @@ __all__ = [
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
-    "expert_param_names", "expert_ranges",
+    "expert_param_names", "expert_ranges", "check_train_config",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -193,19 +194,40 @@ class TrainResult(NamedTuple):
     checkpoint: str | None    # the last checkpoint folder written by this call, if any
 
 
-def _check_config(cfg: TrainConfig) -> None:
+def check_train_config(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the field, its value and what it must be, for any TrainConfig value of the wrong
+    type or out of range (``train()`` and ``mmkit train --dry-run`` call it before anything runs)."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ValueError(f"TrainConfig: {msg}")
-    need(isinstance(cfg.steps, int) and cfg.steps > 0, f"steps must be a positive int, got {cfg.steps!r}")
-    need(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, f"batch_size must be a positive int, got {cfg.batch_size!r}")
-    need(isinstance(cfg.grad_accum_steps, int) and cfg.grad_accum_steps >= 1,
-         f"grad_accum_steps must be an int >= 1, got {cfg.grad_accum_steps!r}")
-    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
-    need(cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    need(0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    need(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed must be an int >= 0, got {cfg.seed!r}")
-    need(cfg.num_workers >= 0, f"num_workers must be >= 0, got {cfg.num_workers}")
+
+    def whole(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def real(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    need(whole(cfg.steps) and cfg.steps > 0, f"steps must be a positive whole number, got {cfg.steps!r}")
+    need(whole(cfg.batch_size) and cfg.batch_size > 0, f"batch_size must be a positive whole number, got {cfg.batch_size!r}")
+    need(whole(cfg.grad_accum_steps) and cfg.grad_accum_steps >= 1,
+         f"grad_accum_steps must be a whole number >= 1, got {cfg.grad_accum_steps!r}")
+    need(real(cfg.lr) and cfg.lr > 0, f"lr must be a number > 0 (e.g. 3.0e-4), got {cfg.lr!r}")
+    need(real(cfg.weight_decay) and cfg.weight_decay >= 0, f"weight_decay must be a number >= 0, got {cfg.weight_decay!r}")
+    need(isinstance(cfg.betas, (tuple, list)) and len(cfg.betas) == 2 and all(real(b) and 0 <= b < 1 for b in cfg.betas),
+         f"betas must be two numbers in [0, 1), e.g. (0.9, 0.95), got {cfg.betas!r}")
+    need(whole(cfg.warmup_steps) and cfg.warmup_steps >= 0, f"warmup_steps must be a whole number >= 0, got {cfg.warmup_steps!r}")
+    need(real(cfg.min_lr_ratio) and 0.0 <= cfg.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio!r}")
+    need(cfg.clip_grad_norm is None or real(cfg.clip_grad_norm) and cfg.clip_grad_norm >= 0,
+         f"clip_grad_norm must be None, 0 (no clipping) or a number > 0, got {cfg.clip_grad_norm!r}")
+    for name in ("eval_every", "log_every", "save_every", "keep_checkpoints", "seed", "num_workers"):
+        v = getattr(cfg, name)
+        need(whole(v) and v >= 0, f"{name} must be a whole number >= 0, got {v!r}"
+             + (" (0 keeps every checkpoint)" if name == "keep_checkpoints" else ""))
+    need(cfg.out_dir is None or isinstance(cfg.out_dir, (str, os.PathLike)),
+         f"out_dir must be a folder path or None, got {cfg.out_dir!r}")
+    for name in ("progress_bar", "find_unused_parameters"):
+        need(isinstance(getattr(cfg, name), bool), f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    need(isinstance(cfg.mixed_precision, str), f"mixed_precision must be 'auto', 'no' or 'bf16', got {cfg.mixed_precision!r}")
     resolve_mixed_precision(nn.Identity(), cfg.mixed_precision)      # validates the name
 
 
@@ -559,6 +581,7 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
         atomic_write_json(tmp / TRAINER_STATE_NAME, _json_safe({      # last: the copy is complete
             "format": "mmkit-checkpoint-1",
             "step": int(step),
+            "sha256": file_hashes(tmp),                # every file above, checked by verify_checkpoint on load
             "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
             "history": history or [],
             "evals": evals or [],
@@ -961,7 +984,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
     from accelerate.utils import send_to_device
     from tqdm.auto import tqdm
 
-    _check_config(cfg)
+    check_train_config(cfg)
     t0 = time.perf_counter()
     precision = resolve_mixed_precision(model, cfg.mixed_precision)
     accelerator = _make_accelerator(precision, cfg)

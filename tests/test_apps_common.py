@@ -72,3 +72,16 @@ def test_output_pictures_get_files_of_their_own_even_when_identical_and_concurre
     for p in left:
         with Image.open(p) as im:
             assert im.size == (64, 64) and im.getpixel((5, 5)) == (220, 40, 40)
+
+
+def test_a_busy_port_is_said_before_the_models_load():
+    """Issue 17 sweep: `apps/vqa.py --port P` with P in use ended in gradio's traceback after the models loaded."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"cannot listen on 127.0.0.1:{port} .*--port {port + 1}"):
+            _common.check_port(parse_args("x", 7860, ["--port", str(port)]))
+    _common.check_port(parse_args("x", 7860, ["--port", str(port)]))          # free again: no error

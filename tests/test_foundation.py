@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -471,3 +472,39 @@ def test_environment_yml_matches_the_lock_file():
     assert sorted(pip) == sorted(l for l in lock if not l.startswith("taming-transformers"))
     assert "torch==2.13.0" in lock, "torch must stay pinned to the local CPU build"
     assert not any(l.startswith(("torchvision", "nvidia-", "pytorch-lightning")) for l in lock)
+
+
+def test_a_wrong_device_is_named_before_any_file_is_read():
+    """Issue 17 sweep: mmkit.load(name, device='cuda') on a machine without a GPU blamed the weights ("does not fit ...
+    saved from a model with another config"); device='tpu' called the shipped file truncated."""
+    import torch
+
+    import mmkit
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda': this machine has no CUDA GPU.*use device='cpu'"):
+            mmkit.load("m6-tiny-vqa", device="cuda")
+    for bad in ("tpu", "gpu0", 3.5):
+        with pytest.raises(ValueError, match=rf"device={bad!r} is not a torch device.*use 'cpu'"):
+            mmkit.load("m6-tiny-vqa", device=bad)
+    with pytest.raises(ValueError, match="checkpoints load on 'cpu' or 'cuda', not 'meta'"):
+        mmkit.load("m6-tiny-vqa", device="meta")
+
+
+@pytest.mark.parametrize("args,words", [
+    (("bench", "precision", "--widths", "-1", "--layers", "1"), "argument --widths: -1 must be at least 1"),
+    (("bench", "m6", "--batch", "-1", "--repeats", "1"), "argument --batch: -1 must be at least 1"),
+    (("bench", "t2i", "--batch", "0", "--repeats", "1", "--no-vqgan"), "argument --batch: 0 must be at least 1"),
+    (("bench", "moe", "--threads", "-2"), "argument --threads: -2 must be 0 or more"),
+    (("train", "scaled/configs/runs/m6_base_vqa.yaml", "train.steps=-1", "--dry-run"),
+     "TrainConfig: steps must be a positive whole number, got -1"),
+    (("train", "scaled/configs/runs/m6_base_vqa.yaml", "train.lr=abc", "--dry-run"),
+     "TrainConfig: lr must be a number > 0 .*got 'abc'"),
+])
+def test_cli_sizes_and_train_values_are_checked_up_front(args, words):
+    """Issue 17 sweep: negative benchmark sizes ended in 'negative dimension' tracebacks, --batch 0 blamed the
+    prompts, and --dry-run printed train.steps=-1 / train.lr=abc and exited 0 (the real run then failed)."""
+    r = subprocess.run([sys.executable, "-m", "mmkit.cli", *args], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode != 0 and re.search(words, r.stderr), (r.returncode, r.stderr[-600:])
+    assert "Traceback" not in r.stderr

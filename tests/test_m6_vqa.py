@@ -169,6 +169,19 @@ def test_arrays_and_tensors_outside_their_range_are_refused(model):
         preprocess_image(np.array([[-3, 300]] * 40 * 20, np.int32).reshape(40, 40))
 
 
+def test_answer_refuses_other_models_string_tokenizers_and_bad_sizes(model):
+    """Issue 17 sweep: answer(mmkit.load('vqgan-world'), ...) raised AttributeError, tokenizer='world' "'str' object
+    is not callable"; preprocess_image(size=100000) tried to allocate ~30 GB, size=0 / '32' gave raw PIL errors."""
+    lone = render_uint8(make_scene([("circle", "red", "large", "top left")]), 32).float() / 255
+    with pytest.raises(ValueError, match=r"answer\(\) needs an M6 model that generates text.*got Linear"):
+        V.answer(torch.nn.Linear(2, 2), lone, "what colour is the circle?")
+    with pytest.raises(ValueError, match="tokenizer must be a tokenizer object"):
+        V.answer(model, lone, "what colour is the circle?", tokenizer="world")
+    for size in (100_000, 0, -32, 2.5, "32", True):
+        with pytest.raises(ValueError, match=r"preprocess_image: size must be a whole number of pixels from 1 to 1024"):
+            preprocess_image(lone, size=size)
+
+
 def test_questions_without_words_or_too_long_are_refused(model):
     """Issue 17: a question of control characters was answered; a 1500-word question was silently cut to 48 tokens."""
     lone = render_uint8(make_scene([("circle", "red", "large", "top left")]), 32).float() / 255

@@ -258,3 +258,17 @@ def test_video_concatenates_frame_features_into_one_sequence(tok):
     assert len(caps) == len(answers) == 4 and all(isinstance(x, str) for x in caps + answers)
     ev = Vd.evaluate_zero_shot_video(m, "test", n=5, n_frames=2, tokenizer=tok, k=3)
     assert ev.qa.n_questions == 5 and set(ev.qa.per_type) == set(CLIP_QTYPES) and 0 <= ev.retrieval.mean <= 1
+
+
+def test_answer_refuses_a_model_without_a_decoder_a_string_tokenizer_and_wordless_questions(bank):
+    """Issue 17 sweep: answer(vqgan, ...) / answer(..., tokenizer='world') failed deep inside (AttributeError,
+    "'str' object is not callable"); a question of control characters reached the model."""
+    m = micro()
+    with pytest.raises(ValueError, match=r"needs an mPLUG model with its text decoder.*got MPLUGForClassification"):
+        Q.answer(MPLUGForClassification.__new__(MPLUGForClassification), bank.image(0), "what colour is the circle?")
+    with pytest.raises(ValueError, match="needs an mPLUG model.*got Linear"):
+        Q.answer(torch.nn.Linear(2, 2), bank.image(0), "what colour is the circle?")
+    with pytest.raises(ValueError, match="tokenizer must be a tokenizer object"):
+        Q.answer(m, bank.image(0), "what colour is the circle?", tokenizer="world")
+    with pytest.raises(ValueError, match="no words"):
+        Q.answer(m, bank.image(0), "\x00\x07?!")

@@ -161,3 +161,33 @@ def test_a_saved_kit_tokenizer_keeps_the_separators(tok, tmp_path):
     tok.save_pretrained(tmp_path / "t")
     for again in (load_tokenizer(tmp_path / "t"), __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "t")):
         assert again("red\x00circle")["input_ids"] == tok("red circle")["input_ids"]
+
+
+def test_bad_ids_lengths_and_tokenizer_arguments_are_named(tok, tmp_path):
+    """Issue 17 sweep: decode([10**9]) returned '' silently and decode([-1]) raised a raw OverflowError;
+    pad_texts(max_len=0) dropped every token and max_len=-3 cut the last 3; a malformed tokenizer.json gave a raw
+    JSONDecodeError without the file name; tokenizer='world' failed as "'str' object is not callable"."""
+    import torch
+
+    from mmkit.hub import CheckpointError
+    from mmkit.tokenizer import decode_rows, pad_texts, tokenizer_or_world, world_tokenizer
+
+    n = len(tok)
+    for ids in ([10 ** 9], [-1], [5, n], ["a"], [1.5]):
+        with pytest.raises(ValueError, match=rf"ids must be whole numbers from 0 to {n - 1}"):
+            decode(tok, ids)
+    assert decode(tok, tok("a red circle", add_special_tokens=False)["input_ids"]) == "a red circle"
+    # a model's padded output layer can sample ids past the vocabulary: generated rows read them as [UNK], no error
+    red = tok.convert_tokens_to_ids("red")
+    assert decode_rows(tok, torch.tensor([[red, n + 3, red, tok.eos_token_id, 7]]), tok.eos_token_id) == ["red red"]
+    for max_len in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="max_len must be a whole number >= 1"):
+            pad_texts(tok, ["a red circle"], max_len)
+    assert tokenizer_or_world(None) is world_tokenizer() and tokenizer_or_world(tok) is tok
+    for bad in ("world", b"x", 5):
+        with pytest.raises(ValueError, match="tokenizer must be a tokenizer object"):
+            tokenizer_or_world(bad)
+    tok.save_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(CheckpointError, match=r"t/tokenizer.json: this tokenizer file is not valid JSON \(line 1"):
+        load_tokenizer(tmp_path / "t")

@@ -220,24 +220,36 @@ def test_weights_of_another_model_are_a_clear_error_naming_the_file(tmp_path):
 
 
 def test_damaged_checkpoint_files_name_the_file_and_the_fix(tmp_path):
+    """First line of defence: the sha256s save_checkpoint records; second (a folder without them, e.g. written by an
+    older kit): the readers' own errors, each naming the file and the fix."""
     from mmkit.hub import CheckpointError
+
+    def unrecorded(ck):                                                  # as an older kit wrote it: no hashes
+        state = json.loads((ck / "trainer_state.json").read_text())
+        del state["sha256"]
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+        return ck
 
     model = W.make_model()
     opt = torch.optim.AdamW(model.parameters())
-    ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
-    data = (ck / "model.safetensors").read_bytes()
-    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])       # truncated
-    with pytest.raises(CheckpointError, match=r"checkpoint-3/model\.safetensors cannot be read as safetensors.*"
-                                              r"truncated or damaged.*Delete"):
-        T.load_checkpoint(ck, W.make_model())
+    for record in (True, False):
+        ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
+        ck = ck if record else unrecorded(ck)
+        data = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(data[: len(data) // 2])   # truncated
+        match = (r"checkpoint-3/model\.safetensors is corrupt: .*trainer_state.json records.*Save the checkpoint again"
+                 if record else r"checkpoint-3/model\.safetensors cannot be read as safetensors.*truncated or damaged.*Delete")
+        with pytest.raises(CheckpointError, match=match):
+            T.load_checkpoint(ck, W.make_model())
+        ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
+        ck = ck if record else unrecorded(ck)
+        (ck / "training_state.pt").write_bytes(b"not a torch file")
+        with pytest.raises(CheckpointError, match=r"training_state\.pt (is corrupt|cannot be read)"):
+            T.load_checkpoint(ck, W.make_model(), torch.optim.AdamW(W.make_model().parameters()))
     ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
     (ck / "trainer_state.json").write_text('{"step": 3,')                # a damaged JSON
     with pytest.raises(CheckpointError, match=r"trainer_state\.json: this trainer state is not valid JSON \(line 1"):
         T.load_checkpoint(ck, W.make_model())
-    ck = T.save_checkpoint(tmp_path / "checkpoint-3", model, opt, step=3)
-    (ck / "training_state.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match=r"training_state\.pt cannot be read"):
-        T.load_checkpoint(ck, W.make_model(), torch.optim.AdamW(W.make_model().parameters()))
 
 
 _KILL_BETWEEN_RENAMES = """
@@ -449,3 +461,35 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for a, b in zip(trainer["history"], res.history):                 # losses averaged over the 2 processes
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)   # DDP-averaged = full-batch gradient
+
+
+# --- issue 17 sweep (second round): typed TrainConfig, hashes in every saved checkpoint -------------------------
+@pytest.mark.parametrize("field,value,words", [
+    ("lr", "abc", "lr must be a number > 0"), ("lr", "3e-4", "lr must be a number > 0"),
+    ("keep_checkpoints", -1, "keep_checkpoints must be a whole number >= 0"),   # [:-(-1)] deleted every checkpoint
+    ("betas", (0.9,), "betas must be two numbers"), ("clip_grad_norm", -1.0, "clip_grad_norm must be None, 0"),
+    ("save_every", 1.5, "save_every must be a whole number"), ("progress_bar", "no", "progress_bar must be true or false"),
+    ("weight_decay", float("nan"), "weight_decay must be a number >= 0"), ("out_dir", 5, "out_dir must be a folder"),
+])
+def test_every_train_config_value_is_checked_before_anything_runs(tmp_path, field, value, words):
+    cfg = quiet(**{"steps": 2, "batch_size": 4, "save_every": 1, "out_dir": str(tmp_path / "run"), field: value})
+    with pytest.raises(ValueError, match=words):
+        train(W.make_model(), W.loss_fn, W.make_dataset(), cfg)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())     # nothing ran or was deleted
+
+
+def test_a_flipped_byte_in_any_saved_checkpoint_is_caught(tmp_path):
+    """save_checkpoint records the sha256 of every file it wrote in trainer_state.json and loading checks them (before
+    this, only run_recipe's folders had hashes: a checkpoint-N with a flipped byte resumed silently)."""
+    out = tmp_path / "run"
+    train(W.make_model(), W.loss_fn, W.make_dataset(), quiet(steps=2, batch_size=4, out_dir=str(out)))
+    ckpt = T.latest_checkpoint(out)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert set(state["sha256"]) >= {"model.safetensors", "config.json"}
+    T.load_checkpoint(ckpt, W.make_model())                                  # intact: loads
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40                                                         # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(T.CheckpointError, match=r"model.safetensors is corrupt: .* trainer_state.json records"):
+        T.load_checkpoint(ckpt, W.make_model())

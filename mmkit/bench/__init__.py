@@ -6,9 +6,32 @@ speed. List them with ``mmkit bench --list``; every benchmark takes ``--help``.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (sizes, counts, repeats), with a message naming the value."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (threads: 0 = torch's choice; warm-up steps)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
+    return v
 
 
 def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:

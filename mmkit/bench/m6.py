@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmkit.bench import time_fn
+from mmkit.bench import nonnegative_int, positive_int, time_fn
 from mmkit.config import replace_config
 from mmkit.generation import HFGenerationAdapter
 from mmkit.zoo import build_model, load_config
@@ -115,14 +115,14 @@ def step_flops(step) -> int:
 def run(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="mmkit bench m6", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="m6-tiny", help="preset name or YAML file (default m6-tiny)")
-    p.add_argument("--widths", type=int, nargs="+", default=[128, 512],
+    p.add_argument("--widths", type=positive_int, nargs="+", default=[128, 512],
                    help="d_model values to measure (d_ff = 4 d_model, heads = d_model / 32); default 128 512")
-    p.add_argument("--batch", type=int, default=32, help="images per training step / generation batch")
-    p.add_argument("--text-len", type=int, default=32, help="caption tokens per training row")
-    p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row")
+    p.add_argument("--batch", type=positive_int, default=32, help="images per training step / generation batch")
+    p.add_argument("--text-len", type=positive_int, default=32, help="caption tokens per training row")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="generated tokens per row")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="training step precision")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median for training, best for decoding)")
+    p.add_argument("--threads", type=nonnegative_int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median for training, best for decoding)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

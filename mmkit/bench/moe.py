@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmkit.bench import nonnegative_int, positive_int
 from mmkit.nn.moe import MoEFeedForward, expert_capacity
 
 
@@ -220,10 +221,10 @@ def measure(n_experts: int, args) -> tuple[dict[str, float], set[str], float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkit bench moe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256], help="expert counts (default 8 64 256)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per step N (default 4096, e.g. 16 x 256)")
-    p.add_argument("--d-model", type=int, default=128, help="token width (default 128)")
-    p.add_argument("--d-ff", type=int, default=512, help="hidden width of one expert (default 512)")
+    p.add_argument("--experts", type=positive_int, nargs="+", default=[8, 64, 256], help="expert counts (default 8 64 256)")
+    p.add_argument("--tokens", type=positive_int, nargs="+", default=[4096], help="tokens per step N (default 4096, e.g. 16 x 256)")
+    p.add_argument("--d-model", type=positive_int, default=128, help="token width (default 128)")
+    p.add_argument("--d-ff", type=positive_int, default=512, help="hidden width of one expert (default 512)")
     p.add_argument("--top-k", type=int, default=1, choices=[1, 2], help="experts per token (default 1)")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="c in C = ceil(N c / m), N tokens (default 1.25 x top-k: each token makes top-k assignments; 0: no capacity)")
@@ -233,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face loop")
     p.add_argument("--naive-limit", type=float, default=3e7, help="skip the naive one-hot MoE when N*E*C exceeds this (default 3e7)")
     p.add_argument("--slow-limit", type=float, default=2.0, help="contenders slower than this many seconds per step are timed once (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per contender; the median is shown (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; at least 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest on shared cores; 0 = torch's choice)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed steps per contender; the median is shown (default 5)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2; at least 1)")
+    p.add_argument("--threads", type=nonnegative_int, default=1, help="torch threads (default 1: steadiest on shared cores; 0 = torch's choice)")
     return p
 
 

@@ -31,6 +31,7 @@ import argparse
 import torch
 
 import mmkit.zoo  # noqa: F401  (every preset registered)
+from mmkit.bench import nonnegative_int, positive_int
 from mmkit.config import replace_config
 from mmkit.mplug.tasks.efficiency import (PAPER_LENGTHS, WORLD_LENGTHS, fusion_times, paper_fusion_config,
                                           stride_times, switch_throughput, world_fusion_config)
@@ -46,12 +47,12 @@ def run(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="mmkit bench mplug", description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", default=["fusion", "stride", "switches"],
                    choices=["fusion", "stride", "switches"], help="what to measure (default: all)")
-    p.add_argument("--batch", type=int, default=8, help="samples per timed fusion forward (default 8)")
-    p.add_argument("--train-batch", type=int, default=32, help="pairs per training step for --parts switches")
-    p.add_argument("--width", type=int, nargs="+", default=[128, 512],
+    p.add_argument("--batch", type=positive_int, default=8, help="samples per timed fusion forward (default 8)")
+    p.add_argument("--train-batch", type=positive_int, default=32, help="pairs per training step for --parts switches")
+    p.add_argument("--width", type=positive_int, nargs="+", default=[128, 512],
                    help="d_model of the world model for --parts switches (heads = width / 32; default 128 512)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians)")
+    p.add_argument("--threads", type=nonnegative_int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (medians)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     print(f"torch threads: {a.threads}; medians of {a.repeats} rounds, configurations in alternation\n")

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmkit.bench import nonnegative_int, positive_int
 from mmkit.train import AUTO_BF16_MIN_WIDTH, cpu_supports_fast_bf16, resolve_mixed_precision
 
 
@@ -101,14 +102,14 @@ def measure(kind: str, width: int, layers: int, batch: int, seq: int, repeats: i
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkit bench precision", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024], help="model widths (default 128 256 512 1024)")
+    p.add_argument("--widths", type=positive_int, nargs="+", default=[128, 256, 512, 1024], help="model widths (default 128 256 512 1024)")
     p.add_argument("--kinds", nargs="+", default=["mlp", "transformer"], choices=["mlp", "transformer"], help="stacks to time (default both)")
-    p.add_argument("--layers", type=int, default=2, help="blocks per stack (default 2)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per precision; the median is shown (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: leave torch's choice)")
+    p.add_argument("--layers", type=positive_int, default=2, help="blocks per stack (default 2)")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq", type=positive_int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed steps per precision; the median is shown (default 5)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default 0: leave torch's choice)")
     return p
 
 

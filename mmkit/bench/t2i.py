@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from mmkit.bench import vqgan as vqgan_bench
+from mmkit.bench import nonnegative_int, positive_int, vqgan as vqgan_bench
 from mmkit.hub import find_checkpoint
 from mmkit.m6.tasks.t2i import SamplingConfig, text_to_image
 from mmkit.tokenizer import world_tokenizer
@@ -28,9 +28,9 @@ from mmkit.zoo import build_model, load, load_config
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkit bench t2i", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, nargs="+", default=[8], help="images generated per call (default: 8)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per (mode, batch); median reported")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the issue's 2 cores)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[8], help="images generated per call (default: 8)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per (mode, batch); median reported")
+    p.add_argument("--threads", type=nonnegative_int, default=2, help="torch threads (default 2: the issue's 2 cores)")
     p.add_argument("--no-vqgan", action="store_true", help="skip the VQGAN encode / decode part")
     return p
 

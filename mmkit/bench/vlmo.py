@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmkit.bench import time_fn
+from mmkit.bench import nonnegative_int, positive_int, time_fn
 from mmkit.bench.m6 import matmul_peak
 from mmkit.tokenizer import world_tokenizer
 from mmkit.train import freeze
@@ -116,12 +116,12 @@ def vilt_like(cfg, n_answers: int) -> ViltClassifier:
 def run(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="mmkit bench vlmo", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help="hub name of a VLMo to time (default: a fresh vlmo-tiny)")
-    p.add_argument("--n", type=int, default=1000, help="images and texts of the retrieval benchmark (n x n pairs)")
-    p.add_argument("--fusion-pairs", type=int, default=4000, help="pairs the fusion path really scores")
+    p.add_argument("--n", type=positive_int, default=1000, help="images and texts of the retrieval benchmark (n x n pairs)")
+    p.add_argument("--fusion-pairs", type=positive_int, default=4000, help="pairs the fusion path really scores")
     p.add_argument("--full-fusion", action="store_true", help="score all n x n pairs by fusion (slow)")
-    p.add_argument("--batch", type=int, default=64, help="examples per VQA training step (stage 3: half)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the kit's training setting)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.add_argument("--batch", type=positive_int, default=64, help="examples per VQA training step (stage 3: half)")
+    p.add_argument("--threads", type=nonnegative_int, default=1, help="torch threads (default 1: the kit's training setting)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (median)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

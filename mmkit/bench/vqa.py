@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from gradio_client import Client, handle_file
 
+from mmkit.bench import positive_int
 from mmkit.launch import running_app
 from mmkit.data.preprocess import preprocess_image
 from mmkit.data.world import make_scene, render
@@ -37,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmkit bench vqa", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="a running app (default: start apps/vqa.py on a free port)")
-    p.add_argument("--requests", type=int, default=40, help="sequential calls for the latency (default 40)")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
-    p.add_argument("--per-client", type=int, default=10, help="calls per concurrent client (default 10)")
+    p.add_argument("--requests", type=positive_int, default=40, help="sequential calls for the latency (default 40)")
+    p.add_argument("--clients", type=positive_int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--per-client", type=positive_int, default=10, help="calls per concurrent client (default 10)")
     return p
 
 

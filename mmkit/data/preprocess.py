@@ -27,6 +27,7 @@ Steps (each one answers a way user pictures differ from the Shapes World's rende
 from __future__ import annotations
 
 import io
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,7 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mmkit.data.userdata import to_rgb
 
 __all__ = ["ImageInputError", "Preprocessed", "open_image", "preprocess_image", "MIN_SIDE", "MAX_PIXELS", "MAX_SIDE",
-           "STUDIO_WHITE", "image_for_model", "array_to_uint8"]
+           "MAX_MODEL_SIDE", "STUDIO_WHITE", "image_for_model", "array_to_uint8"]
 
 MIN_SIDE = 8                       # pixels: smaller pictures cannot show a 3x3 grid of shapes
 MAX_PIXELS = 50_000_000            # refuse larger pictures (a 6000x6000 photo, 36 MP, is fine; PIL's bomb check
@@ -47,6 +48,7 @@ MAX_SIDE = 10_000                  # and longer sides: a 1 kB PNG can claim 4500
                                    # MAX_PIXELS), and padding that strip to a square once meant 45000^2 x 3 bytes
                                    # (~6 GB). Pictures are also shrunk before they are padded (step 3), so no
                                    # canvas is ever larger than the working size.
+MAX_MODEL_SIDE = 1024              # the largest square side a model reads (full-size ViTs read 224-384)
 STUDIO_WHITE = 248                 # the world's backdrop level (its gradient spans about 232-255)
 
 
@@ -231,8 +233,13 @@ def preprocess_image(src: Any, size: int = 32, *, work: int = 64, normalise_back
                      fill_outlines: bool = True) -> Preprocessed:
     """Any picture -> the ``size`` px RGB image a world model reads (see the module doc for the steps).
 
-    Raises :class:`ImageInputError` (a ``ValueError``) with a readable message for unusable input.
+    Raises :class:`ImageInputError` (a ``ValueError``) with a readable message for unusable input, and a
+    ``ValueError`` naming ``size`` / ``work`` when they are not whole numbers from 1 to ``MAX_MODEL_SIDE``.
     """
+    for name, v in (("size", size), ("work", work)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= MAX_MODEL_SIDE:
+            raise ValueError(f"preprocess_image: {name} must be a whole number of pixels from 1 to {MAX_MODEL_SIDE} "
+                             f"(the side of the square image the model reads, e.g. 32), got {v!r}")
     img = open_image(src)
     notes = []
     original = img.size

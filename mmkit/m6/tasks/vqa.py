@@ -52,10 +52,10 @@ from mmkit.data.vqa import VQASampler, check_question, eval_questions, normalise
 from mmkit.evaluation.vqa import VQAAnswer, VQAEval, pixel_saliency, ranked_answer, score_answers, unit_heat
 from mmkit.generation import HFGenerationAdapter
 from mmkit.m6.masking import IGNORE_INDEX, collate, task_example
-from mmkit.m6.model import IMAGE_SIDE
+from mmkit.m6.model import IMAGE_SIDE, M6ForImageTextMatching, M6Model, M6T2I
 from mmkit.nn import PatchFeatures
 from mmkit.objectives.lm import sequence_logprob
-from mmkit.tokenizer import SpecialIds, decode_rows, pad_ids, world_tokenizer
+from mmkit.tokenizer import SpecialIds, decode_rows, pad_ids, tokenizer_or_world, world_tokenizer
 from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
 
 __all__ = [
@@ -222,11 +222,14 @@ def answer(model, image, question: str, tokenizer=None, top_k: int = 5, num_beam
     PIL image, bytes). ``question`` in English or Chinese (normalised by :func:`normalise_question`).
     """
     question = check_question(question)
+    if not isinstance(unwrap(model), M6Model) or isinstance(unwrap(model), (M6T2I, M6ForImageTextMatching)):
+        raise ValueError(f"answer() needs an M6 model that generates text, e.g. mmkit.load('m6-tiny-vqa'); got "
+                         f"{type(unwrap(model)).__name__}")
     for name, v, lo, hi in (("top_k", top_k, 1, 1000), ("num_beams", num_beams, 1, 32),
                             ("max_new_tokens", max_new_tokens, 1, 64)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
             raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
-    tok = tokenizer if tokenizer is not None else world_tokenizer()
+    tok = tokenizer_or_world(tokenizer)
     x = image_for_model(image, model.config.image_size)[None]                            # (1, 3, S, S)
     q = normalise_question(question)
     lang = question_language(q)

@@ -32,9 +32,10 @@ from mmkit.data.scenes import SceneBank
 from mmkit.data.vqa import VQASampler, check_question, eval_questions, normalise_question, question_language
 from mmkit.evaluation.vqa import (AnswerPrior, VQAAnswer, VQAEval, pixel_saliency, prior_eval, ranked_answer,
                                   score_answers, unit_heat, world_answer_prior)
+from mmkit.mplug.model import MPLUG, MPLUGForClassification
 from mmkit.mplug.tasks.inputs import encoder_inputs, teacher_forced
 from mmkit.objectives.lm import IGNORE_INDEX, sequence_logprob
-from mmkit.tokenizer import decode_rows, world_tokenizer
+from mmkit.tokenizer import decode_rows, tokenizer_or_world, world_tokenizer
 from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
 
 __all__ = ["VQAConfig", "vqa_bank", "vqa_loss", "answer_batch", "score_candidates", "answer", "answer_heatmap",
@@ -138,7 +139,10 @@ def answer(model, image, question: str, tokenizer=None, top_k: int = 5, num_beam
     ``image``: float (3, S, S) in [0, 1] or anything :func:`mmkit.data.preprocess.preprocess_image` opens.
     """
     question = check_question(question)
-    tok = tokenizer if tokenizer is not None else world_tokenizer()
+    if not isinstance(unwrap(model), MPLUG) or isinstance(unwrap(model), MPLUGForClassification):
+        raise ValueError(f"answer() needs an mPLUG model with its text decoder, e.g. mmkit.load('mplug-tiny-vqa'); "
+                         f"got {type(unwrap(model)).__name__}")
+    tok = tokenizer_or_world(tokenizer)
     x = image_for_model(image, model.config.image_size)[None]                            # (1, 3, S, S)
     q = normalise_question(question)
     lang = question_language(q)
