@@ -16,10 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mmkit.mplug.tasks.pretrain as P
 from mmkit.config import replace_config
 from mmkit.mplug.model import MOMENTUM_PARTS, MPLUG, MPLUGConfig
-from mmkit.mplug.tasks.pretrain import (PretrainConfig, PretrainData, build_batch, global_token_mean,
-                                        make_pretrain_loss, pretrain_loss, pretrain_step)
+from mmkit.mplug.tasks.pretrain import (PretrainConfig, PretrainData, StageConfig, VisionCollapsed, VisionRun,
+                                        build_batch, check_vision, global_token_mean, make_pretrain_loss, pretrain,
+                                        pretrain_loss, pretrain_step)
 from mmkit.objectives import IGNORE_INDEX, itc_loss, token_cross_entropy
 from mmkit.train import TrainConfig, train
 
@@ -198,6 +200,29 @@ def test_short_run_every_part_falls():
     assert first["mlm"] > 0.8 * vocab_chance and last["mlm"] < 0.3 * first["mlm"], (first, last)
     assert first["prefix_lm"] > 0.8 * vocab_chance and last["prefix_lm"] < 0.3 * first["prefix_lm"], (first, last)
     assert last["loss"] < 0.4 * first["loss"], (first, last)
+
+
+# --- stage 0 is checked before the later stages -------------------------------------------------------------------
+def test_stage0_below_its_floor_stops_the_pretraining_loudly(monkeypatch):
+    """A stage 0 that collapsed to "empty" scores 0 on occupied cells (the shipped run at vision_lr 4e-3: 0.09 / 0.11
+    / 0.27): check_vision names it, and pretrain() raises before stage 1 trains anything."""
+    floor = {"colour_acc": 0.5, "shape_acc": 0.4}
+    check_vision(VisionRun([], {"colour_acc": 0.9, "shape_acc": 0.6, "size_acc": 0.9}, 1.0), floor)   # passes
+    check_vision(VisionRun([], {"colour_acc": 0.0, "shape_acc": 0.0, "size_acc": 0.0}, 1.0), None)    # no floor
+    with pytest.raises(VisionCollapsed, match=r"did not learn.*colour_acc.*vision_lr"):
+        check_vision(VisionRun([], {"colour_acc": 0.09, "shape_acc": 0.6, "size_acc": 0.27}, 1.0), floor)
+    with pytest.raises(VisionCollapsed, match="no held-out accuracy"):
+        check_vision(VisionRun([], {}, 1.0), floor)
+
+    calls = []
+    monkeypatch.setattr(P, "train", lambda *a, **k: calls.append(a) or pytest.fail("a later stage started"))
+    monkeypatch.setattr(P, "pretrain_visual_encoder",
+                        lambda *a, **k: VisionRun([], {"colour_acc": 0.0, "shape_acc": 0.0, "size_acc": 0.0}, 0.1))
+    cfg = PretrainConfig(n_pairs=8, image_size=16, max_text_tokens=24)
+    st = StageConfig(vision_steps=1, itc_steps=5, n_val=4, vision_floor={"colour_acc": 0.3})
+    with pytest.raises(VisionCollapsed, match="later stages were not started"):
+        pretrain(micro(), cfg, TrainConfig(steps=2, batch_size=4, progress_bar=False, log_every=0), st)
+    assert calls == []
 
 
 # --- two processes -------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from mmkit.train import TrainConfig, evaluating, train, unwrap
 
 __all__ = ["PretrainConfig", "PretrainData", "BATCH_KEYS", "build_batch", "global_token_mean", "pretrain_step",
            "pretrain_loss", "make_pretrain_loss", "StepParts", "GridProbe", "VisionRun", "pretrain_visual_encoder",
-           "StageConfig", "PretrainRun", "pretrain", "evaluate_pretraining"]
+           "StageConfig", "VisionCollapsed", "check_vision", "PretrainRun", "pretrain", "evaluate_pretraining"]
 
 BATCH_KEYS: tuple[str, ...] = ("images", "ids", "text_ids", "text_mask", "mlm_ids", "mlm_labels", "prefix_ids",
                                "prefix_mask", "decoder_input_ids", "decoder_labels", "seed")
@@ -431,6 +431,29 @@ class StageConfig:
                                    # text weights ITC stayed at chance for hundreds of joint steps (module notes)
     itc_lr: float | None = None    # stage 1 peak LR (None: the joint run's)
     n_val: int = 256               # held-out val pairs for the evaluation (evaluate_pretraining)
+    vision_floor: dict | None = None   # stage 0 must reach these held-out accuracies over occupied cells, e.g.
+                                   # {"colour_acc": 0.5}, before stage 1 starts (VisionCollapsed otherwise): a stage 0
+                                   # that collapsed to "empty" (0 on occupied cells) must not pass silently
+
+
+class VisionCollapsed(RuntimeError):
+    """Stage 0 ended below :attr:`StageConfig.vision_floor`: the visual encoder did not learn."""
+
+
+def check_vision(run: "VisionRun", floor: dict | None) -> None:
+    """Raise :class:`VisionCollapsed` if ``run``'s held-out accuracies miss ``floor`` ({attribute_acc: minimum})."""
+    if not floor:
+        return
+    if not run.accuracy:
+        raise VisionCollapsed("stage 0 has no held-out accuracy to check (fewer than 2 images?); give it more images")
+    low = {k: (round(run.accuracy.get(k, 0.0), 4), v) for k, v in floor.items() if run.accuracy.get(k, 0.0) < v}
+    if low:
+        measured = {k: round(v, 4) for k, v in run.accuracy.items()}
+        raise VisionCollapsed(
+            f"stage 0 (visual encoder) did not learn: held-out accuracy over occupied grid cells {low} "
+            f"(measured, floor); all: {measured}. A run that names every cell 'empty' scores 0. Lower "
+            f"StageConfig.vision_lr (4e-3 collapsed, 1e-3 learns) or raise vision_steps; the later stages were not "
+            f"started")
 
 
 class PretrainRun(NamedTuple):
@@ -448,7 +471,9 @@ def pretrain(model, config: PretrainConfig, train_config: TrainConfig, stages: S
              eval_fn=None) -> PretrainRun:
     """mPLUG pretraining on the world, in three stages (``model`` trained in place, in train mode):
 
-    0. :func:`pretrain_visual_encoder` (``stages.vision_steps``; 0 skips it): the stand-in for CLIP-ViT;
+    0. :func:`pretrain_visual_encoder` (``stages.vision_steps``; 0 skips it): the stand-in for CLIP-ViT; its
+       held-out accuracy is checked against ``stages.vision_floor`` (:func:`check_vision` raises
+       :class:`VisionCollapsed`) before stage 1 starts;
     1. ITC alone for ``stages.itc_steps`` (CLIP-style), the momentum encoders reset to the online ones first;
     2. the four tasks of §3.3 jointly (``config``'s weights) for ``train_config.steps``.
 
@@ -463,6 +488,7 @@ def pretrain(model, config: PretrainConfig, train_config: TrainConfig, stages: S
     if st.vision_steps:
         vision = pretrain_visual_encoder(raw, data.bank.images_u8, object_labels(data.bank.scenes),
                                          steps=st.vision_steps, lr=st.vision_lr, seed=train_config.seed)
+        check_vision(vision, st.vision_floor)              # fail loudly before stages 1-2 spend their time
     raw.reset_momentum()
     itc = None
     if st.itc_steps:
