@@ -166,6 +166,19 @@ def test_a_vqa_checkpoint_folder_rebuilds_the_same_model(tmp_path):
     assert vqa.answer(again, image, "how many shapes are there?") == vqa.answer(model, image, "how many shapes are there?")
 
 
+def test_a_float16_checkpoint_keeps_its_recorded_hashes(tmp_path):
+    """The recipes store float16 weights (save_half rewrites model.safetensors after save_checkpoint); whatever
+    sha256 trainer_state.json records must be the rewritten file's, so the folder loads (hub verifies every hash)."""
+    from mmkit.vlmo.recipes import save_half
+
+    model = VLMoForVQA.from_pretrained_vlmo(pretrained())
+    save_checkpoint(tmp_path / "ckpt", model)
+    save_half(tmp_path / "ckpt")
+    mmkit.hub.verify_checkpoint(tmp_path / "ckpt")
+    again = mmkit.hub.load_model_dir(tmp_path / "ckpt")
+    assert torch.equal(again.vqa_head[-1].weight, model.vqa_head[-1].weight.half().float())
+
+
 def test_a_short_vqa_finetune_runs_through_the_one_loop_and_evaluates():
     model = VLMoForVQA.from_pretrained_vlmo(pretrained())
     bank = SceneBank.build("train", 32, image_size=16)
@@ -175,6 +188,33 @@ def test_a_short_vqa_finetune_runs_through_the_one_loop_and_evaluates():
     assert torch.equal(model.mlm_head[0].weight, before)                           # unused pretraining heads frozen
     assert all(p.requires_grad for p in model.parameters())
     assert 0 <= run.eval.accuracy <= 1 and run.eval.n_questions >= 4 and set(run.eval.per_lang) <= {"en", "zh"}
+
+
+def test_the_visual_warm_start_reaches_the_vqa_model_and_a_zero_vision_lr_keeps_it():
+    """The vlmo-tiny-vqa recipe's stage 0: the vision path names cell objects (the pretrained model is not touched),
+    VLMoForVQA.from_pretrained_vlmo takes the warmed weights without the cell classifier, and vision_lr_scale scales
+    the image embeddings + V-FFN only (0 keeps them bit-identical while attention and the head train)."""
+    base = pretrained()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    bank = SceneBank.build("train", 32, image_size=16)
+    warm = vqa.visual_warm_start(base, bank, quick(3))
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())    # a copy trained
+    vffn = "blocks.0.ffn.vision.mlp.fc1.weight"
+    assert not torch.equal(warm.model.state_dict()[vffn], before[vffn])
+    model = VLMoForVQA.from_pretrained_vlmo(warm.model)
+    assert torch.equal(model.state_dict()[vffn], warm.model.state_dict()[vffn])
+    assert not any(k.startswith("cell_") for k in model.state_dict())
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = vqa.VQAFinetuneConfig(vision_lr_scale=0.0)
+    vqa.finetune_vqa(model, train_config=quick(3), config=cfg, bank=bank, n_eval=0)
+    vision = model.parts()["image_embeddings"] + model.parts()["vision_ffn"]
+    for k, v in model.state_dict().items():
+        if k.startswith(vision):
+            assert torch.equal(v, kept[k]), k
+    now = model.state_dict()
+    assert any(not torch.equal(now[k], kept[k]) for k in kept if k.startswith("blocks.0.self_attn."))
+    assert any(not torch.equal(now[k], kept[k]) for k in kept if k.startswith("vqa_head."))
+    assert all(p.requires_grad for p in model.parameters())
 
 
 # --- NLVR2 (VLMo §4.3) -----------------------------------------------------------------------------------------
