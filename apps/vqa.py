@@ -1,10 +1,11 @@
-"""Ask a picture a question: generative VQA with M6 (M6 §4.2), in English or Chinese.
+"""Ask a picture a question: VQA with the kit's models (M6 §4.2, VLMo §4.3, mPLUG §5.2.1), in English or Chinese.
 
     python apps/vqa.py --port 7862             # http://127.0.0.1:7862 ; --host 0.0.0.0 / --share to open it up
 
 Upload, paste or draw a picture (or pick a Shapes World scene), ask about it, and see the answer, how sure the
-model is, what else it considered, and a heat map of where the answer came from, plus the 32 px image the model
-actually saw. The API endpoint ``/answer`` takes (image, question[, model, heat map method]) and returns the
+model is, what else it considered, and a heat map of where the answer came from, plus the image the model actually
+saw (at the side the chosen model reads: 32 px for M6, 64 px for VLMo and mPLUG; the page's title and labels follow
+the chosen model). The API endpoint ``/answer`` takes (image, question[, model, heat map method]) and returns the
 answer first::
 
     from gradio_client import Client, handle_file
@@ -24,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # run from a fresh clone without install
 
-from _common import InputError, OutputPictures, clean_text, launch, parse_args, unknown_words  # noqa: E402
+from _common import InputError, OutputPictures, check_port, clean_text, launch, parse_args, unknown_words  # noqa: E402
 
 MAX_QUESTION_CHARS = 200
 HEATMAP_METHODS = ("gradcam", "saliency")
-DISPLAY = 256                         # side of the shown images (the model's 32 px, enlarged without smoothing)
+DISPLAY = 256                         # side of the shown images (the model's 32 / 64 px, enlarged without smoothing)
 EXAMPLE_QUESTIONS = [                 # every question type, English and Chinese
     ("what colour is the circle?", "colour"), ("what shape is the red object?", "shape"),
     ("is the square small or large?", "size"), ("how many objects are there?", "count"),
@@ -166,10 +167,17 @@ def build_demo():
     # The page opens on a world scene, already answered: every output is visible before the first click.
     first = run(*examples[0], default_model, "gradcam")
 
-    with gr.Blocks(title="mmkit · VQA with M6") as demo:
-        gr.Markdown("## Ask a picture a question — generative VQA with M6 (M6 §4.2)\n"
-                    "Shapes (circle, square, triangle) in six colours on a light background, up to 9 per picture. "
-                    "Ask in English or 中文 about colour, shape, size, count, existence, position or relations.")
+    def header(name: str) -> str:                    # the page's title line follows the chosen model
+        return (f"## Ask a picture a question — {name}\n{models[name].description}.  \n"
+                "Shapes (circle, square, triangle) in six colours on a light background, up to 9 per picture. "
+                "Ask in English or 中文 about colour, shape, size, count, existence, position or relations.")
+
+    def seen_label(name: str) -> str:
+        s = models[name].image_size
+        return f"What the model saw ({s}x{s})"
+
+    with gr.Blocks(title="mmkit · VQA") as demo:
+        title = gr.Markdown(header(default_model))
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Tabs():
@@ -198,20 +206,24 @@ def build_demo():
                 confidence = gr.Label(first[1], label="Confidence and top alternatives", num_top_classes=5)
                 with gr.Row():
                     heat = gr.Image(first[2], label="Where the answer came from", type="pil", height=260, interactive=False)
-                    seen = gr.Image(first[3], label="What the model saw (32x32)", type="pil", height=260, interactive=False)
+                    seen = gr.Image(first[3], label=seen_label(default_model), type="pil", height=260,
+                                    interactive=False)
                 details = gr.Markdown(first[4])
         outputs = [answer_box, confidence, heat, seen, details]
         ask_btn.click(answer, [image, question, model, method], outputs, api_name="answer")
         question.submit(answer, [image, question, model, method], outputs, api_visibility="private")
         draw_btn.click(answer_drawing, [sketch, question, model, method], outputs, api_name="answer_drawing")
         random_btn.click(new_scene, None, [image, question], api_name="new_scene")
+        model.change(lambda name: (header(name), gr.Image(label=seen_label(name))), model, [title, seen],
+                     api_visibility="private")
     return demo
 
 
 def main(argv=None) -> None:
     import torch
 
-    args = parse_args("Generative VQA with M6 (M6 §4.2): ask a picture a question.", 7862, argv)
+    args = parse_args("VQA with the kit's models (M6, VLMo, mPLUG): ask a picture a question.", 7862, argv)
+    check_port(args)
     torch.set_num_threads(2)
     demo = build_demo()
     launch(demo, args)
