@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -147,7 +148,7 @@ def load_path(folder: str | Path, device: str = "cpu"):
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a checkpoint folder (it does not exist or is a file)")
-    verify_checkpoint(d)
+    verify_checkpoint(d, warn_unrecorded=True)
     kind = read_recipe_info(d).get("kind", "model")
     if kind == "model":
         return load_model_dir(d, device=device, verify=False)
@@ -224,12 +225,12 @@ def file_hashes(d: str | Path) -> dict[str, str]:
             if f.is_file() and f.name != RECIPE_FILE and not f.name.startswith(".")}
 
 
-def verify_checkpoint(d: str | Path) -> None:
+def verify_checkpoint(d: str | Path, warn_unrecorded: bool = False) -> None:
     """Check every file whose sha256 the folder records: in recipe.json (:func:`run_recipe`) and in
     trainer_state.json (``mmkit.train.save_checkpoint``); raise :class:`CheckpointError` naming the first bad one.
 
     A folder that records no hashes (written before they were recorded, or with its records removed) cannot be
-    checked and passes.
+    checked and passes; with ``warn_unrecorded`` (loading a model folder by path) it says so in a warning.
     """
     d = Path(d)
     records = [(RECIPE_FILE, read_recipe_info(d).get("sha256"))]
@@ -237,6 +238,10 @@ def verify_checkpoint(d: str | Path) -> None:
     if state.is_file():
         info = read_json(state, "trainer state", rebuild_hint(d))
         records.append((state.name, info.get("sha256") if isinstance(info, dict) else None))
+    if warn_unrecorded and not any(h for _, h in records):
+        warnings.warn(f"{d}: no sha256 is recorded for its files (no recipe.json / trainer_state.json record), so a "
+                      "damaged file cannot be detected; save it again with mmkit.train.save_checkpoint to record them",
+                      stacklevel=3)
     for source, hashes in records:
         if not hashes:
             continue

@@ -508,3 +508,23 @@ def test_cli_sizes_and_train_values_are_checked_up_front(args, words):
                        cwd=ROOT)
     assert r.returncode != 0 and re.search(words, r.stderr), (r.returncode, r.stderr[-600:])
     assert "Traceback" not in r.stderr
+
+
+def test_a_folder_without_recorded_hashes_says_it_cannot_be_checked(tmp_path):
+    """Issue 17 sweep: a checkpoint copy without recipe.json and with a flipped byte loaded silently. Nothing is left
+    to check it against, so load_path says so; a folder with records is checked (see the corrupt-file tests)."""
+    import shutil
+    import warnings
+
+    src = hub.checkpoint_dir("m6-tiny-vqa")
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # the recorded folder loads without a warning
+        hub.load_path(d)
+    (d / "recipe.json").unlink()
+    state = json.loads((d / "trainer_state.json").read_text())
+    state.pop("sha256", None)
+    (d / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="no sha256 is recorded for its files .* cannot be detected"):
+        hub.load_path(d)
