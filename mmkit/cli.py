@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -118,6 +119,16 @@ def _train_run_config(args: argparse.Namespace) -> int:
               f"{result.world_size} process(es)): step {last.get('step')}, loss {last.get('loss')}")
         if r is not None and r.checkpoint:
             print(f"checkpoint {r.checkpoint}")
+    if result.world_size > 1:
+        # every rank is done and the checkpoint is on disk: leave without gloo's teardown, which sometimes aborts
+        # at interpreter exit ("terminate called without an active exception", ENVIRONMENT.md) and would make a
+        # finished run look failed to torchrun / SLURM
+        import torch.distributed as dist
+
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     end_training()
     return 0
 

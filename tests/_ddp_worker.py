@@ -11,6 +11,8 @@ same model in one process and compares parameters. The model and data live here 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,11 @@ def main() -> None:
     import torch.distributed as dist
     world = dist.get_world_size() if dist.is_initialized() else 1
     print(f"worker done: world {world}, step {res.step}, loss {res.history[-1]['loss']:.4f}", flush=True)
+    if world > 1:
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)                                 # gloo teardown sometimes aborts at exit (ENVIRONMENT.md; seen in CI)
     end_training()
 
 
