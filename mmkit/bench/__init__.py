@@ -12,26 +12,21 @@ import time
 from typing import Callable
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (sizes, counts, repeats), with a message naming the value."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def int_at_least(minimum: int, what: str):
+    """argparse type: a whole number >= ``minimum``, with a message naming the value."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} must be {what}")
+        return v
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (threads: 0 = torch's choice; warm-up steps)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return v
+positive_int = int_at_least(1, "at least 1")           # sizes, counts, repeats
+nonnegative_int = int_at_least(0, "0 or more")         # threads (0 = torch's choice), warm-up steps
 
 
 def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
