@@ -46,17 +46,22 @@ def fusion_variants(base: MPLUGConfig) -> dict[str, MPLUGConfig]:
             "skip": base}
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each ``fn()``; the functions are called in turn, ``repeats`` rounds (after ``warmup``)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+                     desc: str = "timing") -> dict[str, float]:
+    """Median seconds of each ``fn()``; the functions are called in turn, ``repeats`` rounds (after ``warmup``).
+    A progress bar counts the calls (a full-size timing takes a minute or more on a laptop CPU)."""
+    from tqdm.auto import tqdm
+
+    rounds = max(0, warmup) + max(1, repeats)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(max(1, repeats)):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    with tqdm(total=rounds * len(fns), desc=desc, dynamic_ncols=True) as bar:
+        for r in range(rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                if r >= max(0, warmup):               # warm-up rounds are not timed
+                    times[k].append(time.perf_counter() - t0)
+                bar.update(1)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -77,7 +82,7 @@ def fusion_times(base: MPLUGConfig, n_visual: int, n_text: int, batch: int = 8, 
     """Forward seconds per 100 samples of each Figure 1 / 4 fusion network: {variant: seconds}, plus the plans."""
     variants = fusion_variants(base)
     fns = {k: _fusion_forward(c, n_visual, n_text, batch) for k, c in variants.items()}
-    sec = time_round_robin(fns, repeats)
+    sec = time_round_robin(fns, repeats, desc=f"fusion variants ({n_visual} + {n_text} tokens)")
     return {"seconds_per_100": {k: v * 100 / batch for k, v in sec.items()},
             "plans": {k: fusion_plan(c) for k, c in variants.items()}}
 
@@ -89,7 +94,7 @@ def stride_times(base: MPLUGConfig, n_visual: int, n_text: int, strides=(1, 2, 3
     cfgs = {s: replace_config(base, fusion="skip", skip_layout="blocks", fusion_layers=co_layers, stride=s,
                               dropout=0.0, gradient_checkpointing=False, bf16=False) for s in strides}
     fns = {s: _fusion_forward(c, n_visual, n_text, batch) for s, c in cfgs.items()}
-    sec = time_round_robin(fns, repeats)
+    sec = time_round_robin(fns, repeats, desc=f"strides {tuple(strides)}")
     return {"seconds_per_100": {s: v * 100 / batch for s, v in sec.items()},
             "plans": {s: fusion_plan(c) for s, c in cfgs.items()}}
 
@@ -133,5 +138,5 @@ def switch_throughput(base: MPLUGConfig, batch: int = 32, repeats: int = 5, data
         steps[name] = step
         memory[name] = _saved_activation_bytes(lambda m=m: pretrain_loss(m, b)[0]) / 2**20
         opt.zero_grad(set_to_none=True)
-    sec = time_round_robin(steps, repeats)
+    sec = time_round_robin(steps, repeats, desc="training switches")
     return {"samples_per_s": {k: batch / v for k, v in sec.items()}, "saved_activations_mb": memory, "batch": batch}
