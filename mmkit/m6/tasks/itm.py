@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mmkit.data.negatives import NEGATIVE_KINDS, ITMPairs
 from mmkit.data.scenes import SceneBank
@@ -68,7 +69,8 @@ def itm_scores(model, images: torch.Tensor, texts: Sequence[str], tokenizer, bat
     dev = model.wte.weight.device
     out = []
     with evaluating(model):
-        for i in range(0, len(texts), batch_size):
+        starts = range(0, len(texts), batch_size)
+        for i in tqdm(starts, desc="ITM scores", disable=len(starts) <= 2, dynamic_ncols=True):   # long runs only
             enc = pad_texts(tokenizer, texts[i:i + batch_size], c.max_text_len - 2, c.pad_token_id).to(dev)
             out.append(torch.sigmoid(model.match_logits(images[i:i + batch_size].to(dev), enc).float()))
     return torch.cat(out).cpu() if out else torch.zeros(0)
@@ -111,10 +113,12 @@ def zero_shot_itm_ranking(model, tokenizer=None, data: ITMPairs | None = None, n
     pairs = data.eval_pairs(n, seed)
     c = model.config
     with evaluating(model):
+        starts = range(0, len(pairs), 256)
         mean = torch.cat([caption_likelihood(model, data.bank.images([p.index for p in pairs[i:i + 256]]),
                                              pad_texts(tok, [p.text for p in pairs[i:i + 256]],
                                                        c.max_text_len - 2, c.pad_token_id)).mean
-                          for i in range(0, len(pairs), 256)])
+                          for i in tqdm(starts, desc="caption likelihoods", disable=len(starts) <= 2,
+                                        dynamic_ncols=True)])
     return twin_ranking(pairs, mean, data.kinds)
 
 
