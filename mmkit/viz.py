@@ -369,3 +369,35 @@ def plot_token_rows(rows: Sequence[Sequence[str | None]], kinds: Sequence[Sequen
     if title:
         ax.set_title(title, fontsize=fontsize + 1, loc="left", pad=2.6 * fontsize if legend and used else 6)
     return ax
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VQA against its blind baseline (notebooks 04, 07, 08: one chart, one table, whatever the system)
+# --------------------------------------------------------------------------------------------------------------
+def plot_vqa_vs_prior(ev, blind, model_name: str, ax=None):
+    """Bars of exact-match accuracy per question type: the model's (``ev``) beside the answer prior's on the SAME
+    questions (``blind``, :func:`mmkit.evaluation.vqa.prior_eval`). Both are ``VQAEval``s. Returns the axes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    types = list(ev.per_type)
+    x = np.arange(len(types))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3))
+    ax.bar(x - 0.2, [ev.per_type[t] for t in types], 0.4, label=model_name)
+    ax.bar(x + 0.2, [blind.per_type.get(t, float("nan")) for t in types], 0.4, label="answer prior (blind)")
+    ax.set_xticks(x, types); ax.set_ylim(0, 1.05); ax.set_xlabel("question type"); ax.set_ylabel("exact-match accuracy")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{ev.n_questions} test questions: {model_name} {ev.accuracy:.3f}, answer prior {blind.accuracy:.3f}")
+    return ax
+
+
+def vqa_gain_table(ev, blind, model_name: str) -> str:
+    """The same comparison as a markdown table (per type, per language, all), gains signed."""
+    rows = [f"| question type | {model_name} | answer prior | gain |", "| --- | --- | --- | --- |"]
+    for key, part, prior in [(t, ev.per_type[t], blind.per_type.get(t)) for t in ev.per_type] + \
+                            [(f"language {lg}", ev.per_lang[lg], blind.per_lang.get(lg)) for lg in ev.per_lang]:
+        rows.append(f"| {key} | {part:.3f} | {prior:.3f} | {part - prior:+.3f} |" if prior is not None else
+                    f"| {key} | {part:.3f} | - | - |")
+    rows.append(f"| **all** | **{ev.accuracy:.3f}** | **{blind.accuracy:.3f}** | **{ev.accuracy - blind.accuracy:+.3f}** |")
+    return "\n".join(rows)

@@ -108,3 +108,22 @@ def test_grid_text_uses_real_fonts_for_chinese_and_marks_and_cuts_with_an_ellips
     g = make_grid([Image.new("RGB", (32, 32), (255, 0, 0))] * 2, captions=["红色", "red"])
     assert g.size[0] >= 2 * 96                                                   # 32 px tiles enlarged to >= 96
     assert g.getpixel((10, 10)) == (255, 0, 0)                                   # nearest: a pure red tile
+
+
+def test_vqa_against_the_prior_chart_and_table_hand_computed():
+    from mmkit.evaluation.vqa import score_answers
+    from mmkit.viz import plot_vqa_vs_prior, vqa_gain_table
+
+    # model: colour right twice, count wrong; prior: colour right once, count right
+    ev = score_answers([("q1", "red", "red", "colour", "en"), ("q2", "blue", "blue", "colour", "zh"),
+                        ("q3", "1", "2", "count", "en")])
+    blind = score_answers([("q1", "red", "red", "colour", "en"), ("q2", "blue", "red", "colour", "zh"),
+                           ("q3", "1", "1", "count", "en")])
+    table = vqa_gain_table(ev, blind, "m")
+    assert "| colour | 1.000 | 0.500 | +0.500 |" in table and "| count | 0.000 | 1.000 | -1.000 |" in table
+    assert "| language zh | 1.000 | 0.000 | +1.000 |" in table and "| **all** | **0.667** | **0.667** | **+0.000** |" in table
+    ax = plot_vqa_vs_prior(ev, blind, "m")
+    heights = [round(p.get_height(), 3) for p in ax.patches]
+    assert heights == [1.0, 0.0, 0.5, 1.0]                        # model bars per type, then the prior's
+    assert ax.get_xlabel() and ax.get_ylabel() and [t.get_text() for t in ax.get_xticklabels()] == ["colour", "count"]
+    plt.close(ax.figure)
