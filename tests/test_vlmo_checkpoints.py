@@ -1,7 +1,8 @@
-"""The shipped VLMo checkpoint (mmkit/checkpoints/vlmo-tiny-retrieval): made by its recipe chain (``mmkit train
+"""The shipped VLMo checkpoints (mmkit/checkpoints/vlmo-tiny-retrieval, vlmo-tiny-vqa): made by their recipe chain (``mmkit train
 NAME``: stage 1 -> stage 2 -> stage 3 -> retrieval, each loading the one before), hashes and metrics in recipe.json,
 within VLMo's 10 MB budget; dual-encoder retrieval on held-out scenes above chance both ways, and only with the right
-images. Nothing retrains."""
+images; VQA above the blind baseline of the same questions, and reading colour and size from the image. Nothing
+retrains."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from mmkit.vlmo.tasks import retrieval as R
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHIPPED = ("vlmo-tiny-retrieval",)                      # stage 1 / 2 / 3 and the downstream ones: made on demand
+SHIPPED = ("vlmo-tiny-retrieval", "vlmo-tiny-vqa")     # stage 1 / 2 / 3, NLVR2, image-only: made on demand
 BUDGET_BYTES = 10 * 2**20                                # VLMo's shipped total (common brief)
 # R@K floors as multiples of chance (K / N). Measured for the shipped checkpoint on this test's 200 held-out scenes:
 # i2t R@1/5/10 0.165 / 0.640 / 0.865, t2i 0.165 / 0.575 / 0.775 (chance 0.005 / 0.025 / 0.05; with the images
@@ -67,3 +68,32 @@ def test_dual_encoder_retrieval_beats_chance_both_ways():
     s = R.evaluate_retrieval(model, shuffled).dual
     print("shuffled images:", s)
     assert s.t2i[10] < r.dual.t2i[10] / 2 and s.i2t[10] < r.dual.i2t[10] / 2
+
+
+# VQA floors over the blind baseline (the world's answer prior on the SAME questions, computed here). Measured for the
+# shipped checkpoint on the recipe's 400 held-out scenes (2665 questions, recipe.json): 0.463 vs blind 0.391 (EN 0.465
+# vs 0.397, ZH 0.462 vs 0.385); colour 0.48 vs 0.18, size 0.70 vs 0.49. Shape, position and relation stay at the
+# blind level (issue 13: far from the 0.90 the paper's scale reaches). On 150 scenes the blind baseline alone moved
+# by 0.03, hence the full 400.
+VQA_MARGIN = {"overall": 0.05, "colour": 0.2, "size": 0.12, "en": 0.04, "zh": 0.04}
+
+
+def test_vqa_answers_above_the_blind_baseline_of_the_same_questions():
+    from mmkit.evaluation.vqa import prior_eval, world_answer_prior
+    from mmkit.vlmo.model import VLMoForVQA
+    from mmkit.vlmo.tasks import vqa as V
+
+    model = hub.load("vlmo-tiny-vqa")
+    assert type(model) is VLMoForVQA and model.config.image_size == 64
+    ev = V.evaluate_vqa(model, "test", 400)
+    blind = prior_eval(world_answer_prior(), ev)
+    print(f"VLMo VQA on {ev.n_questions} held-out questions: {ev.accuracy:.3f} vs blind {blind.accuracy:.3f};",
+          {k: (round(v, 3), round(blind.per_type[k], 3)) for k, v in ev.per_type.items()},
+          {k: (round(v, 3), round(blind.per_lang[k], 3)) for k, v in ev.per_lang.items()})
+    assert ev.accuracy >= blind.accuracy + VQA_MARGIN["overall"]
+    for t in ("colour", "size"):
+        assert ev.per_type[t] >= blind.per_type[t] + VQA_MARGIN[t], (t, ev.per_type[t], blind.per_type[t])
+    for lang in ("en", "zh"):
+        assert ev.per_lang[lang] >= blind.per_lang[lang] + VQA_MARGIN[lang], (lang, ev.per_lang, blind.per_lang)
+    m = json.loads((hub.SHIPPED_DIR / "vlmo-tiny-vqa" / "recipe.json").read_text(encoding="utf-8"))["metrics"]
+    assert m["test_acc"] > m["blind_acc"] and m["test_acc_colour"] > m["blind_acc_colour"]
