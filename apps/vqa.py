@@ -132,6 +132,9 @@ def build_demo():
             raise gr.Error(f"The model failed on this request ({type(e).__name__}); try another picture or "
                            "question.", print_exception=False) from None
         t3 = time.perf_counter()
+        # one log line per answered request (no user content): when the model was busy, so the queue's one-at-a-time
+        # promise can be checked from the log (tests/test_app_vqa.py)
+        print(f"[vqa] answered by {model_name} in {(t3 - t0) * 1000:.0f} ms (busy {t0:.6f}-{t3:.6f})", flush=True)
         notes = q.notes + pre.notes
         unknown = unknown_words(tok, a.question)
         if unknown:
