@@ -20,6 +20,7 @@ import argparse
 import base64
 import datetime as _dt
 import hashlib
+import html
 import io
 import json
 import os
@@ -140,6 +141,31 @@ def shrink_images(nb, max_width: int = MAX_IMAGE_WIDTH, budget: int = MAX_BYTES)
     return size()
 
 
+def settle_progress_bars(nb) -> int:
+    """Write each tqdm widget's FINAL state into its plain-text fallback (which holds the bar as it started, "0%"):
+    JupyterLab draws the stored widget state, but a static view of the notebook (GitHub, nbviewer, ``--check``) reads
+    the text. Returns how many bars were settled."""
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    n = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get("application/vnd.jupyter.widget-view+json")
+            box = state.get(view.get("model_id", "")) if view else None
+            if not box or box.get("model_name") != "HBoxModel":
+                continue
+            kids = [state.get(str(c).replace("IPY_MODEL_", ""), {}) for c in box["state"].get("children", [])]
+            if len(kids) != 3 or not kids[1].get("model_name", "").endswith("ProgressModel"):
+                continue                                   # not tqdm's [label, bar, counts] layout
+            def text(k):
+                return html.unescape(str(k.get("state", {}).get("value", ""))).replace("\u2007", " ")
+            bar = kids[1]["state"]
+            total, value = float(bar.get("max") or 0), float(bar.get("value") or 0)
+            filled = int(10 * value / total) if total > 0 else 0
+            out["data"]["text/plain"] = f"{text(kids[0])}|{'█' * filled}{' ' * (10 - filled)}|{text(kids[2])}"
+            n += 1
+    return n
+
+
 def execute(path: Path, fast: bool = False, out: Path | None = None, verbose: bool = True) -> RunRecord:
     """Execute one notebook in a fresh kernel (cwd = notebooks/), stamp its run record and write it to ``out``
     (``path`` itself when None). Figures are kept with the inline backend. Raises nbclient's CellExecutionError,
@@ -183,6 +209,7 @@ def execute(path: Path, fast: bool = False, out: Path | None = None, verbose: bo
                        code_version=_git("describe", "--always", "--dirty"), commit=_git("rev-parse", "HEAD"),
                        mode="fast" if fast else "full", wall_seconds=round(wall, 1), source_sha256=digest)
     _stamp(nb, record)
+    settle_progress_bars(nb)
     n_bytes = shrink_images(nb)
     target = out if out is not None else path
     target.parent.mkdir(parents=True, exist_ok=True)

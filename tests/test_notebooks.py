@@ -54,6 +54,25 @@ def test_stored_notebook_has_fresh_full_mode_outputs(path):
     assert not errors
 
 
+def test_progress_bars_store_their_final_state_as_text():
+    """A tqdm widget's plain-text fallback holds the bar as it started ("0%"); the runner rewrites it from the stored
+    widget state, so a static view of the notebook shows where the bar ended."""
+    nb = nbformat.v4.new_notebook()
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    out = nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": view,
+                                                       "text/plain": "train:   0%|          | 0/40 [00:00<?, ?it/s]"})
+    other = nbformat.v4.new_output("display_data", data={"text/plain": "untouched"})
+    nb.cells = [nbformat.v4.new_code_cell("...", outputs=[out, other])]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {
+        "box": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_a", "IPY_MODEL_b", "IPY_MODEL_c"]}},
+        "a": {"model_name": "HTMLModel", "state": {"value": "train:\u2007 75%"}},
+        "b": {"model_name": "FloatProgressModel", "state": {"value": 30.0, "max": 40.0}},
+        "c": {"model_name": "HTMLModel", "state": {"value": "\u200730/40\u2007[00:03&lt;00:01]"}}}}}
+    assert N.settle_progress_bars(nb) == 1
+    assert out["data"]["text/plain"] == "train:  75%|███████   | 30/40 [00:03<00:01]"
+    assert other["data"]["text/plain"] == "untouched"
+
+
 def test_unexecuted_notebook_is_reported(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("x = 1")]
