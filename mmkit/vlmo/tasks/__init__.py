@@ -5,4 +5,5 @@
     vqa.py         VQA as classification over the world's answers, answers + heat maps for the app (§4.3)
     nlvr2.py       statements about image pairs: two fusion passes + a classifier (§4.3)
     image_only.py  the vision path alone: the object of every grid cell (§4.5)
+    anatomy.py     one stage-3 step walked by hand (§3.1-3.3, equal to vl_losses) and a probe of the patch tokens
 """
