@@ -9,4 +9,6 @@
     classify.py    SNLI-VE and NLVR2 heads on the fused [CLS] (§5.2.5)
     video.py       zero-shot "video": frame features concatenated into one sequence (§5.4.2)
     efficiency.py  forward time of the fusion variants (Fig. 1 / 4) and strides (Fig. 3), §4 switches (Table 6)
+    anatomy.py     the box opened: a VQA batch walked through the model's pieces (§3.1-3.2 eq. (1)-(5)), attention
+                   maps, the loss equal to vqa_loss; a probe of the ViT's patch tokens (notebook 08)
 """
