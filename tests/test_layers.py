@@ -428,6 +428,45 @@ def test_fully_masked_rows_give_zero_not_nan():
     assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros(4, 16))
 
 
+def test_attention_probs_are_what_forward_computes():
+    """MultiHeadAttention.attention_probs: a hand-computed case, then equality with forward for self, causal, padded,
+    per-head, additive, empty-row and cross-attention masks (the forward walks of notebooks 03, 07, 08 read it)."""
+    attn = MultiHeadAttention(2, 1).eval()
+    with torch.no_grad():                      # identity projections: scores = x x^T / sqrt(2)
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+            lin.weight.copy_(torch.eye(2)); lin.bias.zero_()
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    probs, out = attn.attention_probs(x)
+    e = torch.exp(torch.tensor(1 / 2 ** 0.5))
+    torch.testing.assert_close(probs[0, 0], torch.tensor([[e, 1.0], [1.0, e]]) / (1 + e))
+    torch.testing.assert_close(out, probs[0] @ x)
+    probs, _ = attn.attention_probs(x, is_causal=True)
+    torch.testing.assert_close(probs[0, 0], torch.tensor([[1.0, 0.0], [1.0 / (1 + e), e / (1 + e)]]))
+
+    attn = MultiHeadAttention(16, 4).eval()
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    empty = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    empty[0, 0, 2] = False
+    per_head = torch.rand(2, 4, 5, 5) > 0.5
+    per_head[..., 0] = True
+    pm = padding_mask(torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+    cases = [dict(), dict(is_causal=True), dict(mask=pm), dict(mask=pm, is_causal=True), dict(mask=per_head),
+             dict(mask=to_additive(per_head)), dict(mask=empty)]
+    with torch.no_grad():
+        for kw in cases:
+            probs, out = attn.attention_probs(x, **kw)
+            torch.testing.assert_close(out, attn(x, **kw), atol=ATOL, rtol=0)
+            rows = probs.sum(-1)
+            assert torch.allclose(rows[rows > 0], torch.ones(()), atol=1e-5)    # each live row sums to 1
+        assert torch.equal(attn.attention_probs(x, mask=empty)[0][0, :, 2], torch.zeros(4, 5))   # no key: all 0
+        cross = padding_mask(torch.tensor([[1, 1, 0], [1, 0, 0]]))
+        probs, out = attn.attention_probs(x, ctx, mask=cross)
+        torch.testing.assert_close(out, attn(x, ctx, mask=cross), atol=ATOL, rtol=0)
+        assert probs.shape == (2, 4, 5, 3) and float(probs[0, ..., 2].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="self-attention only"):
+        attn.attention_probs(x, ctx, is_causal=True)
+
+
 # --- FFN, pluggable FFN -----------------------------------------------------------------------------------
 
 def test_feedforward_activations():

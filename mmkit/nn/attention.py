@@ -13,6 +13,7 @@ Shapes: B batch, L sequence length, D model width, H heads, hd = D // H head wid
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -236,6 +237,33 @@ class MultiHeadAttention(nn.Module):
         if dead is not None:
             y = y.masked_fill(dead.all(dim=1), 0.0)                         # (b, L_q, 1): no head may attend
         return y
+
+    def attention_probs(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                        is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``forward`` computes inside SDPA, spelled out for looking at (notebooks' forward walks, heat maps):
+        ``probs = softmax(Q K^T / sqrt(d_h) + mask)`` (B, H, L_q, L_k), 0 in rows with no key to attend to, and the
+        output ``out_proj(probs V)`` (B, L_q, D), equal to ``forward(x, context, mask, is_causal)`` without dropout
+        (no KV cache). Same arguments and mask convention as ``forward``."""
+        if context is not None and is_causal:
+            raise ValueError("is_causal applies to self-attention only; cross-attention sees the whole context")
+        B, L_q, _ = x.shape
+        ctx = x if context is None else context
+        q = self._heads(self.q_proj(x))                                     # (B, H, L_q, hd)
+        k, v = self._heads(self.k_proj(ctx)), self._heads(self.v_proj(ctx))  # (B, H, L_k, hd)
+        attn_mask, dead, sdpa_causal = self._attention_mask(mask, is_causal, B, L_q, k.shape[2], q)
+        if sdpa_causal and attn_mask is None:                               # forward's fast path: SDPA's causal mask
+            attn_mask = causal_mask(L_q, q.device)[None, None]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)       # (B, H, L_q, L_k)
+        if attn_mask is not None:
+            scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                      else scores + attn_mask)
+        probs = scores.softmax(-1)
+        if dead is not None:
+            probs = probs.masked_fill(dead, 0.0)                            # empty rows attend to nothing
+        y = self.out_proj((probs @ v).transpose(1, 2).reshape(B, L_q, self.d_model))   # (B, L_q, D)
+        if dead is not None:
+            y = y.masked_fill(dead.all(dim=1), 0.0)
+        return probs, y
 
     def _attention_mask(self, mask, is_causal, B, L_q, L_k, q):
         """Merge ``mask`` and ``is_causal`` into one SDPA mask; find fully-masked rows (``dead``, (b, h, L_q, 1))."""

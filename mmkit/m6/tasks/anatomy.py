@@ -12,7 +12,6 @@ loss function, so what a learner reads is what trains. Also here: :func:`patch_p
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -107,16 +106,8 @@ def forward_walk(model, batch: dict, tokenizer=None) -> ForwardWalk:
         ref = float(task_losses(raw, batch).loss)
 
     # block 0's attention probabilities, recomputed from its own projections (and checked against its output)
-    attn, xa = raw.blocks[0].self_attn, captured["x"]
-    B, L, D = xa.shape
-    H = attn.n_heads
-    q = attn.q_proj(xa).view(B, L, H, -1).transpose(1, 2)
-    k = attn.k_proj(xa).view(B, L, H, -1).transpose(1, 2)
-    val = attn.v_proj(xa).view(B, L, H, -1).transpose(1, 2)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~captured["mask"], float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)                        # padding rows see nothing
-    out = attn.out_proj((probs @ val).transpose(1, 2).reshape(B, L, D))
+    with torch.no_grad():
+        probs, out = raw.blocks[0].self_attn.attention_probs(captured["x"], mask=captured["mask"])   # padding rows: 0
     real = tb.segment_ids != -1
     if not torch.allclose(out[real], captured["out"][real], atol=1e-4):
         raise RuntimeError("the recomputed attention of block 0 does not reproduce the block's output")

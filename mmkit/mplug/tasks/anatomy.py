@@ -17,7 +17,6 @@ learner reads is what trains. :func:`patch_probe` reuses stage 0's :class:`mmkit
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -33,7 +32,7 @@ from mmkit.objectives.lm import IGNORE_INDEX
 from mmkit.tokenizer import world_tokenizer
 from mmkit.train import evaluating, unwrap
 
-__all__ = ["Step", "ForwardWalk", "forward_walk", "attention_probabilities", "ProbeResult", "FrozenFeatures",
+__all__ = ["Step", "ForwardWalk", "forward_walk", "ProbeResult", "FrozenFeatures",
            "majority_baseline", "patch_probe"]
 
 
@@ -60,26 +59,6 @@ class ForwardWalk(NamedTuple):
     token_loss: torch.Tensor      # (B, T) -log p(label) (0 at padding)
     loss: torch.Tensor            # scalar: mean over the batch's answer tokens
     reference_loss: float         # the same batch through vqa_loss (the VQA training loss): equal to ``loss``
-
-
-def attention_probabilities(attn, x: torch.Tensor, context: torch.Tensor | None = None,
-                            key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(Q K^T / sqrt(d_h)) of a :class:`mmkit.nn.MultiHeadAttention`, recomputed from its own projections:
-    queries from ``x`` (B, Lq, D), keys / values from ``context`` (B, Lk, D) (self-attention when None);
-    ``key_mask`` (B, Lk) bool, False = padding (no key). Returns (probs (B, H, Lq, Lk), the module's output (B, Lq, D)
-    recomputed from them), so callers can check the probabilities against what the module really computed."""
-    ctx = x if context is None else context
-    B, Lq, D = x.shape
-    H = attn.n_heads
-    q = attn.q_proj(x).view(B, Lq, H, -1).transpose(1, 2)                         # (B, H, Lq, hd)
-    k = attn.k_proj(ctx).view(B, ctx.shape[1], H, -1).transpose(1, 2)             # (B, H, Lk, hd)
-    v = attn.v_proj(ctx).view(B, ctx.shape[1], H, -1).transpose(1, 2)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])                   # (B, H, Lq, Lk)
-    if key_mask is not None:
-        scores = scores.masked_fill(~padding_mask(key_mask), float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)                         # a query with no key sees nothing
-    out = attn.out_proj((probs @ v).transpose(1, 2).reshape(B, Lq, D))
-    return probs, out
 
 
 def _check_batch(batch) -> int:
@@ -182,7 +161,7 @@ def forward_walk(model, batch: dict, tokenizer=None, max_len: int = 48, cross_la
                                   "l^{n}_{i-1})", tuple(l_sa.shape), "the question tokens attend to each other"))
                 ca = layer.cross_attn(l_sa, v, mask=v_keys)
                 if k == cross_layer:
-                    cross_probs, out = attention_probabilities(layer.cross_attn, l_sa, v, v_mask)
+                    cross_probs, out = layer.cross_attn.attention_probs(l_sa, v, mask=v_keys)
                     _same(out, ca, f"cross-attention of fusion layer {k}")
                 l_ca = layer.cross_attn_norm(l_sa + ca)
                 steps.append(Step(f"fusion {k}: text-to-image cross-attention (eq. 2)", "l_CA = LN(CA(l_SA, "
@@ -197,7 +176,7 @@ def forward_walk(model, batch: dict, tokenizer=None, max_len: int = 48, cross_la
                 vl = torch.cat([v, l], 1)                                          # (B, Nv + L, D)
                 sa = layer.self_attn(vl, mask=both_keys)
                 if conn_probs is None:
-                    conn_probs, out = attention_probabilities(layer.self_attn, vl, None, both)
+                    conn_probs, out = layer.self_attn.attention_probs(vl, mask=both_keys)
                     _same(out, sa, f"connected attention of fusion layer {k}")
                 h = layer.self_attn_norm(vl + sa)
                 steps.append(Step(f"fusion {k}: connected attention over [v; l] (eq. 4)", "[v_SA; l_SA] = "
