@@ -28,6 +28,25 @@ def fonts(size: int = 12) -> tuple[ImageFont.FreeTypeFont, ImageFont.FreeTypeFon
     return latin, cjk
 
 
+def use_cjk_font() -> str | None:
+    """Let matplotlib draw Chinese: register the kit's CJK TrueType font (see :func:`fonts`) as the fallback after
+    DejaVu Sans, glyph by glyph (DejaVu alone draws Chinese as empty boxes and warns "Glyph ... missing"). Returns
+    the font's family name, or None when no CJK font is installed (``bash setup.sh`` installs one)."""
+    import logging
+
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+
+    path = next((f for f in _CJK_FONT_FILES if Path(f).exists()), None)
+    if path is None:
+        return None
+    font_manager.fontManager.addfont(path)
+    name = font_manager.FontProperties(fname=path).get_name()
+    plt.rcParams["font.family"] = ["DejaVu Sans", name]
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)   # its medium weight stands in for normal
+    return name
+
+
 def _is_cjk(ch: str) -> bool:
     o = ord(ch)
     return 0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0xFF00 <= o <= 0xFFEF or 0x3000 <= o <= 0x303F

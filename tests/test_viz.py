@@ -127,3 +127,20 @@ def test_vqa_against_the_prior_chart_and_table_hand_computed():
     assert heights == [1.0, 0.0, 0.5, 1.0]                        # model bars per type, then the prior's
     assert ax.get_xlabel() and ax.get_ylabel() and [t.get_text() for t in ax.get_xticklabels()] == ["colour", "count"]
     plt.close(ax.figure)
+
+
+def test_use_cjk_font_draws_chinese_without_missing_glyph_warnings():
+    import warnings
+
+    from mmkit.viz import use_cjk_font
+
+    name = use_cjk_font()
+    if name is None:
+        pytest.skip("no CJK font installed (bash setup.sh installs WenQuanYi Zen Hei)")
+    fig, ax = plt.subplots()
+    ax.set_title("圆形是什么颜色的？ red ✓")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.canvas.draw()
+    assert not [w for w in caught if "missing from" in str(w.message)], [str(w.message) for w in caught]
+    plt.rcParams["font.family"] = ["sans-serif"]                  # leave the other tests' figures as they were
