@@ -115,21 +115,6 @@ def _run_expert(ffn, h: torch.Tensor, route: str, text_len: int) -> torch.Tensor
     return torch.cat([ffn.language(h[:, :text_len]), ffn.vision(h[:, text_len:])], dim=1)
 
 
-def _attention_probs(attn, x: torch.Tensor, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(Q K^T / sqrt(d_h) masked) and the attention output, from the module's own projections."""
-    B, L, D = x.shape
-    H = attn.n_heads
-    q = attn.q_proj(x).view(B, L, H, -1).transpose(1, 2)                        # (B, H, L, d_h)
-    k = attn.k_proj(x).view(B, L, H, -1).transpose(1, 2)
-    v = attn.v_proj(x).view(B, L, H, -1).transpose(1, 2)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])                  # (B, H, L, L)
-    if keys is not None:
-        scores = scores.masked_fill(~keys[:, None, None, :], float("-inf"))     # padding keys: never attended
-    probs = scores.softmax(-1)
-    out = attn.out_proj((probs @ v).transpose(1, 2).reshape(B, L, D))            # (B, L, D)
-    return probs, out
-
-
 def _blocks(raw, x: torch.Tensor, route: str, keys: torch.Tensor | None, text_len: int, record: int | None = None):
     """Run the L blocks piece by piece: x = x + γ1 ⊙ MSA(LN(x)); x = x + γ2 ⊙ Expert(x). Returns the final-normed
     states, the routing of row 0 per layer, and block ``record``'s attention probabilities."""
@@ -138,7 +123,7 @@ def _blocks(raw, x: torch.Tensor, route: str, keys: torch.Tensor | None, text_le
     for i, block in enumerate(raw.blocks):
         ref = block(x, mask=mask, ffn_kwargs={"route": route, "text_len": text_len})
         h = block.self_attn_norm(x)
-        p, a = _attention_probs(block.self_attn, h, keys)
+        p, a = block.self_attn.attention_probs(h, mask=mask)                                 # (B, H, L, L), (B, L, D)
         if i == record:
             probs = p
         x1 = x + (a if block.self_attn_scale is None else block.self_attn_scale * a)          # VLMo eq. (1)
