@@ -44,6 +44,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from mmkit.data.preprocess import image_for_model
 from mmkit.data.scenes import SceneBank
@@ -206,7 +207,8 @@ def answer_batch(model, images: torch.Tensor, questions: Sequence[str], tokenize
     dev = model.wte.weight.device
     out = []
     with evaluating(model):
-        for i in range(0, len(questions), batch_size):
+        starts = range(0, len(questions), batch_size)
+        for i in tqdm(starts, desc="VQA answers", disable=len(starts) <= 2, dynamic_ncols=True):   # long runs only
             enc = _encode_prompts(tok, questions[i:i + batch_size], c.pad_token_id).to(dev)
             seqs = _generate(model, images[i:i + batch_size].to(dev), enc, max_new_tokens, num_beams)
             out += decode_rows(tok, seqs.cpu(), c.eos_token_id)
