@@ -1090,7 +1090,9 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
 
     try:
         for step in range(start, end):
-            lr = scheduler.get_last_lr()[0]            # the LR this update uses (first group)
+            # the schedule's LR this update uses: cfg.lr x the warmup / cosine factor (param groups with a scaled
+            # LR, e.g. an image side at 0.1x, use that times their scale; the first group may be one of them)
+            lr = cfg.lr * lr_factor(step, cfg)
             loss_sum, metric_sums = 0.0, {}
             for micro in range(A):
                 batch = send_to_device(next(batches), accelerator.device)

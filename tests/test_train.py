@@ -93,6 +93,40 @@ def test_lr_schedule_matches_hand_computed_values():
     assert T.lr_factor(10, cfg) == pytest.approx(0.1)                 # reaches min_lr_ratio one past the end
 
 
+def test_logged_lr_is_the_schedule_not_a_scaled_first_group():
+    """With an image side at 0.1x in the FIRST param group (as the VQA recipes build them), the history still logs
+    cfg.lr x the schedule, and each group really uses its own scaled LR (the log used to show group 0's 0.1x)."""
+    cfg = quiet(steps=4, warmup_steps=2, lr=0.1, min_lr_ratio=0.1, batch_size=8)
+    model = W.make_model()
+    seen = []
+
+    def groups(m):
+        return T.scaled_param_groups(m, 0.01, cfg.lr, {"fc.": 0.1, "norm.": 0.1})   # group 0 is scaled
+
+    def loss_fn(m, batch):
+        opt_lrs = [g["lr"] for g in seen_opt[0].param_groups] if seen_opt else []
+        seen.append(opt_lrs)
+        return W.loss_fn(m, batch)
+
+    seen_opt = []
+    real_adamw = torch.optim.AdamW
+
+    class Spy(real_adamw):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen_opt.append(self)
+
+    torch.optim.AdamW = Spy
+    try:
+        res = train(model, loss_fn, W.make_dataset(), cfg, param_groups_fn=groups)
+    finally:
+        torch.optim.AdamW = real_adamw
+    lrs = [cfg.lr * T.lr_factor(s, cfg) for s in range(4)]
+    assert [h["lr"] for h in res.history] == pytest.approx(lrs, abs=1e-9)
+    scales = sorted({round(lr_g / lrs[s], 6) for s, row in enumerate(seen) for lr_g in row})
+    assert scales == [0.1, 1.0]                                         # the groups keep their own LRs
+
+
 def test_gradient_accumulation_gives_the_same_parameters():
     ds = W.make_dataset(64)
     results, norms = {}, {}
