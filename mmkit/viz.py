@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -16,6 +16,15 @@ from mmkit.io import atomic_write_bytes
 # bitmap default font draws both as empty boxes.
 _CJK_FONT_FILES = ("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc", "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
                    "/usr/share/fonts/truetype/arphic/uming.ttc")
+
+
+class WalkStep(NamedTuple):
+    """One step of a forward walk (the "open the box" sections of notebooks 03, 07, 08: each system's anatomy)."""
+
+    name: str          # what happens
+    equation: str      # the paper's formula (or the code's, where the paper is silent)
+    shape: tuple       # shape of the tensor this step produces
+    note: str          # what to notice
 
 
 @functools.lru_cache(maxsize=16)

@@ -21,15 +21,9 @@ from mmkit.data.world import object_labels
 from mmkit.m6.masking import IGNORE_INDEX, SEG_DECODER, SEG_ENCODER, collate
 from mmkit.m6.tasks.pretrain import task_losses
 from mmkit.train import evaluating, unwrap
+from mmkit.viz import WalkStep as Step   # one step of the walk (shared by the three systems)
 
 __all__ = ["Step", "ForwardWalk", "forward_walk", "ProbeResult", "patch_probe"]
-
-
-class Step(NamedTuple):
-    name: str          # what happens
-    equation: str      # the paper's formula (or the code's, where the paper is silent)
-    shape: tuple       # shape of the tensor this step produces
-    note: str          # what to notice
 
 
 class ForwardWalk(NamedTuple):

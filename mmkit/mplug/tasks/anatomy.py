@@ -31,16 +31,10 @@ from mmkit.nn import padding_mask
 from mmkit.objectives.lm import IGNORE_INDEX
 from mmkit.tokenizer import world_tokenizer
 from mmkit.train import evaluating, unwrap
+from mmkit.viz import WalkStep as Step   # one step of the walk (shared by the three systems)
 
 __all__ = ["Step", "ForwardWalk", "forward_walk", "ProbeResult", "FrozenFeatures",
            "majority_baseline", "patch_probe"]
-
-
-class Step(NamedTuple):
-    name: str          # what happens
-    equation: str      # the paper's formula (or the code's, where the paper is silent)
-    shape: tuple       # shape of the tensor this step produces
-    note: str          # what to notice
 
 
 class ForwardWalk(NamedTuple):

@@ -31,6 +31,7 @@ from mmkit.objectives import IGNORE_INDEX, itm_labels, positive_targets, sample_
 from mmkit.train import evaluating, unwrap
 from mmkit.vlmo.model import IMAGE_TYPE, TEXT_TYPE
 from mmkit.vlmo.tasks.pretrain import PretrainConfig, same_slice, vl_losses
+from mmkit.viz import WalkStep as Step   # one step of the walk (shared by the three systems)
 
 __all__ = ["Step", "ForwardWalk", "BATCH_KEYS", "forward_walk", "cell_patches", "patch_states", "ProbeResult",
            "patch_probe"]
@@ -39,13 +40,6 @@ __all__ = ["Step", "ForwardWalk", "BATCH_KEYS", "forward_walk", "cell_patches", 
 BATCH_KEYS: tuple[str, ...] = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels", "pair_ids",
                                "negative_seed")
 TOL = 1e-5                 # how close every recomputed tensor / loss must be to the model's own
-
-
-class Step(NamedTuple):
-    name: str          # what happens
-    equation: str      # the paper's formula (or the official code's, where the paper is silent)
-    shape: tuple       # shape of the tensor this step produces
-    note: str          # what to notice
 
 
 class ForwardWalk(NamedTuple):
