@@ -42,19 +42,24 @@ EXAMPLE_QUESTIONS = [                 # every question type, English and Chinese
 BRUSH_COLOURS = ["#dc2626", "#22a046", "#285adc", "#f0c814", "#8c3cbe", "#f58214", "#000000"]   # world colours + black
 
 
-def _world_example(seed: int, folder: Path) -> tuple[str, str]:
-    """Render test-split scene ``seed`` (32 px, enlarged exactly) to a PNG; return (path, a true question)."""
+GALLERY = (3, 10, 21, 42, 57, 64)     # test-split scenes (indices) of the example gallery; the first opens the page
+
+
+def world_example(index: int, folder: Path) -> tuple[str, str, str]:
+    """Render the ``index``-th test-split scene (32 px, enlarged exactly) to a PNG in ``folder``; return (path, a
+    question about it, the world's answer)."""
     from PIL import Image
 
     from mmkit.data.text import sample_question
-    from mmkit.data.world import render, sample_scene
+    from mmkit.data.world import render, sample_scene, split_seeds
 
+    seed = split_seeds("test", index + 1)[index]
     scene = sample_scene(seed)
     path = folder / f"scene_{seed}.png"
     if not path.exists():
         render(scene, 32).resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST).save(path)
-    lang = "en" if seed % 3 else "zh"
-    return str(path), sample_question(scene, lang, seed=seed).question
+    qa = sample_question(scene, "en" if seed % 3 else "zh", seed=seed)
+    return str(path), qa.question, qa.answer
 
 
 def _overlay(image, heat):
@@ -95,11 +100,7 @@ def build_demo():
     tok = world_tokenizer()
     folder = Path(tempfile.mkdtemp(prefix="mmkit-vqa-"))
     pictures = OutputPictures("vqa")
-    from mmkit.data.world import split_seeds
-
-    test_seeds = split_seeds("test", 100_000)
-    examples = [list(_world_example(s, folder)) for s in (test_seeds[3], test_seeds[10], test_seeds[21],
-                                                         test_seeds[42], test_seeds[57], test_seeds[64])]
+    examples = [list(world_example(i, folder)[:2]) for i in GALLERY]
 
     def run(image, question, model_name, method):
         """Preprocess, answer, heat map; every problem becomes a gr.Error with a message (never a traceback), and
@@ -164,8 +165,7 @@ def build_demo():
         return run(comp, question, model, heatmap)
 
     def new_scene():
-        seed = random.choice(test_seeds)
-        return _world_example(seed, folder)
+        return world_example(random.randrange(10_000), folder)[:2]
 
     # The page opens on a world scene, already answered: every output is visible before the first click.
     first = run(*examples[0], default_model, "gradcam")

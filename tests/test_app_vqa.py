@@ -222,6 +222,21 @@ def test_twenty_concurrent_clients_mixed_good_and_bad_requests(app, files):
     assert ask(Client(app.url, verbose=False), files / "lone.png", "what colour is the circle?")[0] == "red"
 
 
+def test_example_gallery_is_answered_right(client, tmp_path):
+    """The gallery's own examples (and the scene the page opens on, the README screenshot) get the world's answer
+    from the default model, through the app."""
+    import importlib.util
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps"))
+    spec = importlib.util.spec_from_file_location("vqa_app_module", Path(__file__).resolve().parents[1] / "apps/vqa.py")
+    vqa_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vqa_app)
+    for index in vqa_app.GALLERY:
+        path, question, gold = vqa_app.world_example(index, tmp_path)
+        got = client.predict(handle_file(path), question, api_name="/answer")[0]
+        assert got == gold, (index, question, gold, got)
+
+
 def test_page_renders_in_chromium(app):
     shot = screenshot(app.url, ARTIFACTS / "vqa_app.png")
     assert not_blank(shot)

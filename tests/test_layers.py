@@ -588,3 +588,49 @@ def test_error_messages_name_the_problem():
     cache.append(torch.zeros(1, 4, 2, 4), torch.zeros(1, 4, 2, 4))
     with pytest.raises(ValueError, match="cannot append"):
         cache.append(torch.zeros(2, 4, 1, 4), torch.zeros(2, 4, 1, 4))
+
+
+# --- per-cell code tokens (issue 12) ----------------------------------------------------------------------------
+
+def test_cell_code_tokens_by_hand():
+    """Cell k reads the patch features under it; its token is sum_a softmax(logits_a) @ E_a + c_k; the loss is the
+    summed per-attribute cross-entropy."""
+    from mmkit.nn import CellCodeTokens, cell_attribute_loss
+    code = CellCodeTokens((4, 4), d_in=3, d_model=4, cell_grid=3, classes=(3, 2))
+    # 4x4 features over 3x3 cells: cell (r, c) covers feature rows / columns [4r/3, 4(r+1)/3) -> 2x2 windows at 0, 1, 2
+    assert code.window[0].tolist() == [0, 1, 4, 5] and code.window[4].tolist() == [5, 6, 9, 10]
+    assert code.window[8].tolist() == [10, 11, 14, 15] and code.window.shape == (9, 4)
+    feats = torch.randn(2, 16, 3)
+    with torch.no_grad():
+        code.weight.normal_()
+        want = feats[:, [5, 6, 9, 10]].flatten(1) @ code.weight[4] + code.bias[4]
+        assert torch.allclose(code.logits(feats)[:, 4], want, atol=1e-5)
+        moved = feats.clone()
+        moved[:, 15] += 10.0                                  # a feature outside cell 0's window, inside cell 8's
+        assert torch.equal(code.logits(moved)[:, 0], code.logits(feats)[:, 0])
+        assert not torch.allclose(code.logits(moved)[:, 8], code.logits(feats)[:, 8])
+        code.weight.zero_()
+        code.bias.zero_()
+        code.bias[0] = torch.tensor([0.0, 0.0, 2.0, 1.0, -1.0])         # cell 0: attribute a (3 values), b (2)
+        code.bias[1] = torch.tensor([5.0, 0.0, 0.0, 0.0, 0.0])          # cell 1; cells 2-8 stay uniform
+    out = code(feats[:1])                                                 # (1, 9 cells, 4)
+    p00 = torch.tensor([1.0, 1.0, torch.e ** 2]) / (2 + torch.e ** 2)
+    p01 = torch.tensor([torch.e, 1 / torch.e]) / (torch.e + 1 / torch.e)
+    p10 = torch.tensor([torch.e ** 5, 1.0, 1.0]) / (torch.e ** 5 + 2)
+    p11 = torch.tensor([0.5, 0.5])
+    E0, E1, cell = code.codes[0].detach(), code.codes[1].detach(), code.cell.detach()
+    want = torch.stack([p00 @ E0 + p01 @ E1 + cell[0], p10 @ E0 + p11 @ E1 + cell[1]])
+    assert out.shape == (1, 9, 4) and torch.allclose(out[0, :2], want, atol=1e-6)
+    labels = torch.zeros(1, 9, 2, dtype=torch.long)
+    labels[0, 0] = torch.tensor([2, 1])                                   # cell 0 holds value 2 / 1; the rest empty
+    logp_a = [torch.log(p00[2]), torch.log(p10[0])] + [torch.log(torch.tensor(1 / 3))] * 7
+    logp_b = [torch.log(p01[1]), torch.log(p11[0])] + [torch.log(torch.tensor(0.5))] * 7
+    want_loss = -(sum(logp_a) + sum(logp_b)) / 9                          # mean over the 9 cells, summed over a, b
+    with torch.no_grad():
+        assert float(code.loss(feats[:1], labels)) == pytest.approx(float(want_loss), abs=1e-5)
+        assert float(cell_attribute_loss(code.logits(feats[:1]), labels, (3, 2))) == pytest.approx(float(want_loss),
+                                                                                                  abs=1e-5)
+    # occupied: cell 0 only (a right: argmax 2; b wrong: argmax 0 vs label 1). "empty" = attribute a's argmax is 0:
+    # cell 0 (argmax 2) is seen occupied, cell 1 (argmax 0) and the uniform cells 2-8 (first maximum, 0) empty: all right
+    assert code.accuracy(feats[:1], labels, names=("a", "b")) == {"a": 1.0, "b": 0.0, "empty": 1.0}
+    assert [p.shape for p in code.head_parameters()] == [(9, 12, 5), (9, 5)]

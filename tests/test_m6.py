@@ -168,6 +168,36 @@ def test_save_and_load_keeps_weights_and_tie(tmp_path, tok, sp):
     torch.testing.assert_close(m2.forward_batch(batch, _images(4)).logits, m.forward_batch(batch, _images(4)).logits)
 
 
+def test_cell_code_model_copies_the_rest_and_round_trips(tmp_path, tok, sp):
+    """M6Model.with_cell_code: one visual token per world cell (issue 12), everything but the token grid copied."""
+    from safetensors.torch import save_model
+
+    from mmkit.hub import load_model_dir
+    from mmkit.nn import CellCodeTokens
+
+    m = _model()
+    c = M6Model.with_cell_code(m).eval()
+    assert c.config.visual_tokens == "cells" and isinstance(c.patch_proj, CellCodeTokens)
+    assert (c.grid_size, c.feature_grid, c.num_visual_tokens) == ((3, 3), (4, 4), 9)
+    for k, v in m.state_dict().items():
+        if not k.startswith(("patch_proj.", "pos_emb_2d.")):
+            assert torch.equal(c.state_dict()[k], v), k
+    x = _images(2)
+    v = c.embed_images(x)                                                     # (B, 9, D): the code + cell + positions
+    feats = m.feature_extractor((x - m.image_mean) / m.image_std)[0]
+    want = c.patch_proj(feats) + c.pos_emb_2d((3, 3)) + c.segment_emb(M.SEG_VISUAL)
+    assert v.shape == (2, 9, m.config.d_model) and torch.allclose(v, want)
+    batch = _mixed_batch(tok, sp, n_visual=9)
+    out = c.forward_batch(batch, _images(4))
+    assert torch.isfinite(out.loss)
+    save_model(c, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(c.config)))
+    c2 = load_model_dir(tmp_path)
+    torch.testing.assert_close(c2.forward_batch(batch, _images(4)).logits, out.logits)
+    with pytest.raises(ValueError, match="visual_tokens must be 'patches' or 'cells'"):
+        replace_config(mmkit.load_config("m6-tiny"), visual_tokens="cell")
+
+
 # --- KV-cache generation -------------------------------------------------------------------------------
 def test_cached_generation_equals_recomputing_the_sequence(tok, sp):
     m = _model(seed=1)

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from mmkit.data.scenes import sample_scenes
 from mmkit.data.text import QTYPES, answer_vocab, questions
+from mmkit.data.vqa import eval_questions
 
 __all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "world_answer_prior", "prior_eval",
-           "ranked_answer", "pixel_saliency", "unit_heat"]
+           "ranked_answer", "pixel_saliency", "unit_heat", "by_object_count"]
 
 
 class VQAAnswer(NamedTuple):
@@ -147,3 +148,18 @@ def prior_eval(prior: AnswerPrior, ev: VQAEval) -> VQAEval:
     """The blind baseline of the SAME questions a model was scored on (``ev.records``): the prior's answers, scored
     exactly as the model's were."""
     return score_answers([(q, gold, prior(q, t, lg), t, lg) for q, gold, _, t, lg in ev.records])
+
+
+def by_object_count(ev: VQAEval, scenes: Sequence, seed: int = 0) -> dict[str, dict[int, float]]:
+    """{qtype: {objects in the scene: accuracy}} of an evaluation over ``scenes`` with the fixed questions of
+    ``mmkit.data.vqa.eval_questions(scenes, seed)`` (what each system's ``evaluate_vqa`` asks): where a model fails
+    once a picture holds more than one object, it cannot pick the object a question names."""
+    qs = eval_questions(scenes, seed)
+    if len(qs) != len(ev.records) or any(qa.question != r[0] for (_, qa), r in zip(qs, ev.records)):
+        raise ValueError("ev was not scored on eval_questions(scenes, seed): pass the scenes and seed it used "
+                         "(evaluate_vqa(model, split, n) asks about sample_scenes(split, n))")
+    groups: dict = {}
+    for (i, _), r in zip(qs, ev.records):
+        groups.setdefault(r[3], {}).setdefault(len(scenes[i].objects), []).append(
+            normal_answer(r[1]) == normal_answer(r[2]))
+    return {t: {k: sum(v) / len(v) for k, v in sorted(g.items())} for t, g in groups.items()}

@@ -22,7 +22,8 @@ def zero_shot_answer(model, image, question, **kw):
 
 register_vqa_model(VQAModelEntry(
     name="M6-tiny VQA", checkpoint="m6-tiny-vqa", load=lambda: hub.load("m6-tiny-vqa"),
-    description="M6 tiny fine-tuned on 'question ... answer:' (M6 §4.2), EN + ZH, drawing augmentations",
+    description="M6 tiny fine-tuned on 'question ... answer:' (M6 §4.2), EN + ZH, drawing augmentations; it reads "
+                "one code token per world cell (notebook 04, section 6)",
     answer=answer, heatmap=answer_heatmap))
 register_vqa_model(VQAModelEntry(
     name="M6-tiny pretrained (zero-shot)", checkpoint="m6-tiny-pretrained", load=lambda: hub.load("m6-tiny-pretrained"),

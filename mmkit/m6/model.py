@@ -28,7 +28,7 @@ counted inside each block, so a token's embedding never depends on how the batch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from mmkit.generation import register_cached_forward, sample_next
 from mmkit.m6.masking import IGNORE_INDEX, SEG_DECODER, SEG_ENCODER, SEG_PAD, SEG_VISUAL, TaskBatch, unified_mask
-from mmkit.nn import (ConvFeatureExtractor, KVCache, PatchFeatures, PositionEmbedding, PositionEmbedding2D,
-                      TransformerBlock, TypeEmbedding, evaluating, init_weights)
+from mmkit.nn import (CellCodeTokens, ConvFeatureExtractor, KVCache, PatchFeatures, PositionEmbedding,
+                      PositionEmbedding2D, TransformerBlock, TypeEmbedding, cell_attribute_loss, evaluating,
+                      init_weights)
 from mmkit.nn.moe import ExpertParallelMoE, MoEConfig, MoEFeedForward
 from mmkit.objectives.lm import token_cross_entropy, token_log_probs
 from mmkit.registry import register_model, register_preset
@@ -98,8 +99,17 @@ class M6Config:
                                    # M6Model to use another one)
     feature_strides: tuple = (2, 2, 2)   # stride of each stage: grid = image_size / 8 -> 4x4 = 16 visual
                                    # tokens at 32 px, 8x8 at 64 px (ResNet-50: stride 32, 7x7 at 224 px)
+    visual_tokens: str = "patches"  # "patches": one token per CNN patch feature (M6 §3.1). "cells": one token per
+                                   # world grid cell, a soft code of the object it holds read from those features
+                                   # (mmkit.nn.CellCodeTokens): the tiny model learns to match question words to it
+                                   # in minutes, to patch tokens not at all (issue 12, notebook 04). Not in the paper
+    cell_grid: int = 3             # cells per side for visual_tokens="cells" (the Shapes World's 3x3 grid)
+    cell_classes: tuple = (7, 4, 3)  # values + "empty" of each attribute the cell code names (world: 6 colours,
+                                   # 3 shapes, 2 sizes), as GridProbe
 
     def __post_init__(self) -> None:
+        if self.visual_tokens not in ("patches", "cells"):
+            raise ValueError(f"visual_tokens must be 'patches' or 'cells', got {self.visual_tokens!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if len(self.feature_channels) != len(self.feature_strides):
@@ -175,12 +185,18 @@ class M6Model(nn.Module):
         if feature_extractor is None:
             self.feature_extractor = ConvFeatureExtractor(c.in_channels, tuple(c.feature_channels),
                                                           tuple(c.feature_strides), d_model=D)
-            self.grid_size = self.feature_extractor.grid_size(c.image_size)   # (h, w)
+            feat_dim, self.feature_grid = D, self.feature_extractor.grid_size(c.image_size)   # F, (h, w)
             self.patch_proj = nn.Identity()                                   # the extractor ends at width D
         else:
             self.feature_extractor = feature_extractor
-            feat_dim, self.grid_size = _probe_extractor(feature_extractor, c)
+            feat_dim, self.feature_grid = _probe_extractor(feature_extractor, c)
             self.patch_proj = nn.Linear(feat_dim, D)                          # F -> D
+        if c.visual_tokens == "cells":            # one token per world cell instead of one per patch (issue 12)
+            self.patch_proj = CellCodeTokens(self.feature_grid, feat_dim, D, cell_grid=c.cell_grid,
+                                             classes=tuple(c.cell_classes))
+            self.grid_size = (c.cell_grid, c.cell_grid)
+        else:
+            self.grid_size = self.feature_grid                                # (h, w) of the visual tokens
         self.num_visual_tokens = self.grid_size[0] * self.grid_size[1]       # N visual positions
         self.pos_emb_2d = PositionEmbedding2D(self.grid_size, D)             # where each patch sits
 
@@ -223,6 +239,20 @@ class M6Model(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
 
+    @classmethod
+    def with_cell_code(cls, m6: "M6Model") -> "M6Model":
+        """A copy of ``m6`` (built-in CNN) whose visual tokens are the per-cell code (``visual_tokens="cells"``): the
+        feature extractor, Transformer and text embeddings copied, the code head and tables new. Train the head
+        with :func:`mmkit.m6.tasks.vqa.train_cell_code` before using it."""
+        new_side = ("patch_proj.", "pos_emb_2d.")                  # the parts whose shapes follow the token grid
+        new = cls(replace(m6.config, visual_tokens="cells"))
+        missing, unexpected = new.load_state_dict(
+            {k: v for k, v in m6.state_dict().items() if not k.startswith(new_side)}, strict=False)
+        if unexpected or any(not k.startswith(new_side) for k in missing):
+            raise ValueError(f"with_cell_code needs an M6 with the built-in CNN; unmatched weights: "
+                             f"{sorted(unexpected) + [k for k in missing if not k.startswith(new_side)]}")
+        return new.train(m6.training)
+
     # -- embeddings ------------------------------------------------------------------------------------
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> visual block (B, N, D): patch features + 2-D positions + visual segment."""
@@ -235,10 +265,10 @@ class M6Model(nn.Module):
                              f"{c.image_size})) or build the model with image_size={images.shape[-1]}")
         images = (images - self.image_mean) / self.image_std                      # [0, 1] -> about [-1, 1]
         feats, grid = _as_features(self.feature_extractor(images))                # (B, N, F), (h, w)
-        if tuple(grid) != tuple(self.grid_size):
+        if tuple(grid) != tuple(self.feature_grid):
             raise ValueError(f"the feature extractor gave a {grid[0]}x{grid[1]} grid, expected "
-                             f"{self.grid_size[0]}x{self.grid_size[1]}")
-        v = self.patch_proj(feats)                                                 # (B, N, D)
+                             f"{self.feature_grid[0]}x{self.feature_grid[1]}")
+        v = self.patch_proj(feats)                                   # (B, N, D); "cells": (B, cell_grid^2, D)
         # M6 §3.1 "line up the representations to a sequence by their positions" (+ where each one sits)
         return v + self.pos_emb_2d(self.grid_size) + self.segment_emb(SEG_VISUAL)  # (B, N, D)
 
@@ -522,9 +552,7 @@ class GridProbe(nn.Module):
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over attributes of the mean cross-entropy per cell; labels (B, cells, attributes) long."""
-        parts = self(images).split(self.classes, dim=-1)
-        return sum(F.cross_entropy(p.reshape(-1, k), labels[..., j].reshape(-1))
-                   for j, (p, k) in enumerate(zip(parts, self.classes)))
+        return cell_attribute_loss(self(images), labels, self.classes)
 
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor,
                  names: tuple[str, ...] = ("colour", "shape", "size")) -> dict[str, float]:

@@ -21,6 +21,7 @@ import torch
 
 import mmkit.hub as hub
 from mmkit.config import build_model, load_config
+from mmkit.m6.model import M6Model
 from mmkit.m6.tasks.itm import ITM_TRAIN, ITM_TRAIN_FAST, finetune_itm, itm_model_from_pretrained
 from mmkit.m6.tasks.pretrain import pretrain, recipe_configs
 from mmkit.m6.tasks.t2i import (HELDOUT_PAIRS, RECIPE_TRAIN as T2I_TRAIN, RECIPE_TRAIN_FAST as T2I_TRAIN_FAST,
@@ -83,10 +84,13 @@ def train_m6_tiny_itm(out_dir: Path, fast: bool) -> dict:
         "with drawing augmentations", config="m6-tiny", needs=("m6-tiny-pretrained",))
 def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
     tcfg = TrainConfig(**(VQA_TRAIN_FAST if fast else VQA_TRAIN))
-    cfg = VQAConfig(n_scenes=2000, n_augmented=2000) if fast else VQAConfig()
+    # The answer side reads one code token per world cell (M6Model.with_cell_code, issue 12): its head is trained
+    # first on frozen CNN features (code_steps), then the image side stays frozen while the Transformer learns.
+    cfg = VQAConfig(n_scenes=2000, n_augmented=2000, code_steps=200, image_lr_scale=0.0) if fast else \
+        VQAConfig(image_lr_scale=0.0)
     torch.manual_seed(tcfg.seed)
-    run = finetune_vqa(hub.load("m6-tiny-pretrained").train(), train_config=tcfg, config=cfg,
-                       n_eval=100 if fast else 400)
+    model = M6Model.with_cell_code(hub.load("m6-tiny-pretrained")).train()
+    run = finetune_vqa(model, train_config=tcfg, config=cfg, n_eval=100 if fast else 400)
     _, zs_gen, zs_rank = zero_shot_answers(hub.load("m6-tiny-pretrained"), n=50 if fast else 200)
     hist = run.result.history
     save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
@@ -94,6 +98,8 @@ def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
     return {"test_acc": _r4(run.eval.accuracy), "test_n_questions": run.eval.n_questions,
             **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_type.items()},
             **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_lang.items()},
+            **{f"cell_code_test_{k}": v for k, v in run.cell_code["test"].items()},
+            "cell_code_seconds": run.cell_code["seconds"],
             "augmented_acc": _r4(run.eval_augmented.accuracy),
             **{f"augmented_acc_{k}": _r4(v) for k, v in run.eval_augmented.per_type.items()},
             "zero_shot_generated_acc": _r4(zs_gen.accuracy), "zero_shot_ranked_acc": _r4(zs_rank.accuracy),

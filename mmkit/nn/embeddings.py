@@ -2,6 +2,7 @@
 
 * ``PatchEmbedding``   ViT / VLMo linear patch projection
 * ``ConvFeatureExtractor`` M6's CNN patch features (a laptop-scale stand-in for ResNet-50)
+* ``CellCodeTokens``   patch features -> one token per grid cell, a soft code of the object it holds (issue 12)
 * ``PositionEmbedding``, ``PositionEmbedding2D``, ``TypeEmbedding``
 * ``ImageEmbeddings``  [CLS] + patches + positions (ViT / BEiT / CLIP), optional [MASK] for masked image modelling
 * ``TextEmbeddings``   word + position + type, LayerNorm (BERT)
@@ -12,9 +13,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "ChannelLayerNorm", "PositionEmbedding",
-           "PositionEmbedding2D", "TypeEmbedding", "pair", "ImageEmbeddings", "TextEmbeddings"]
+__all__ = ["PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "CellCodeTokens", "cell_attribute_loss",
+           "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding", "pair", "ImageEmbeddings",
+           "TextEmbeddings"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,6 +61,84 @@ class PatchEmbedding(nn.Module):
 class PatchFeatures(NamedTuple):
     features: torch.Tensor          # (B, N, D), N = h * w grid cells in row-major order
     grid_size: tuple[int, int]      # (h, w)
+
+
+class CellCodeTokens(nn.Module):
+    """Visual tokens as a per-cell code: which object each cell of a grid holds, embedded like words.
+
+    The patch features under each cell (a k x k window of the feature grid) -> that cell's linear head -> for each
+    attribute a softmax over its values (index 0 = "empty") -> the probability-weighted rows of a code table per
+    attribute, plus a learned vector per cell that says where:
+
+        t_k = sum_a softmax(W_ka [v_i : i under cell k] + b_ka) @ E_a  +  c_k          (B, n_cells, D)
+
+    Why (issue 12's ceiling analysis, notebook 04): the patch features of the tiny CNN carry every attribute of every
+    cell (linear probes 0.96-0.99), yet a small Transformer fine-tuned on them never learns to match a question's
+    words ("is there a red square?") against them in minutes; with a code of this form it does, as with perfect
+    symbolic tokens. The head is trained first on which object each cell holds (:meth:`loss`, labels as
+    ``mmkit.data.world.object_labels``), then kept fixed. Each cell reads only the patches under it, so a heat map
+    of a cell token's gradient stays on that cell. ``classes`` counts each attribute's values plus "empty".
+    """
+
+    def __init__(self, feature_grid: tuple[int, int], d_in: int, d_model: int, cell_grid: int = 3,
+                 classes: tuple[int, ...] = (7, 4, 3)):
+        super().__init__()
+        h, w = pair(feature_grid)
+        self.n_cells, self.classes = cell_grid ** 2, tuple(classes)
+        # cell r covers feature rows [r h / g, (r + 1) h / g): it reads the rows that span overlaps, every window as
+        # wide as the widest (4x4 features, 3x3 cells: 2x2 windows starting at rows / columns 0, 1, 2)
+        def starts(n: int) -> tuple[list[int], int]:
+            lo = [r * n // cell_grid for r in range(cell_grid)]
+            hi = [-(-(r + 1) * n // cell_grid) for r in range(cell_grid)]        # ceil((r + 1) n / g)
+            k = max(b - a for a, b in zip(lo, hi))
+            return [min(a, n - k) for a in lo], k
+        rows, kh = starts(h)
+        cols, kw = starts(w)
+        window = [[(r0 + i) * w + (c0 + j) for i in range(kh) for j in range(kw)] for r0 in rows for c0 in cols]
+        self.register_buffer("window", torch.tensor(window), persistent=False)          # (cells, kh * kw) indices
+        n_out = sum(self.classes)
+        self.weight = nn.Parameter(torch.randn(self.n_cells, kh * kw * d_in, n_out) * 0.02)   # W_k (cells, kk F, O)
+        self.bias = nn.Parameter(torch.zeros(self.n_cells, n_out))                              # b_k
+        # N(0, 1) rows as nn.Embedding draws them: the codes are fixed once the head is trained, so they start at
+        # the scale the embedding LayerNorm of the model expects, and random directions are already distinct.
+        self.codes = nn.ParameterList([nn.Parameter(torch.randn(k, d_model)) for k in self.classes])   # E_a (k, D)
+        self.cell = nn.Parameter(torch.randn(self.n_cells, d_model))                                    # c_k (cells, D)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters :meth:`loss` trains (the per-cell heads; the code tables and cell vectors stay as drawn)."""
+        return [self.weight, self.bias]
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, N, F) patch features -> (B, n_cells, sum(classes)) attribute logits of every cell."""
+        under = feats[:, self.window].flatten(2)                                         # (B, cells, kk F)
+        return torch.einsum("bcf,cfo->bco", under, self.weight) + self.bias
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        parts = self.logits(feats).split(self.classes, dim=-1)                          # per attribute (B, cells, k)
+        return sum(p.softmax(-1) @ e for p, e in zip(parts, self.codes)) + self.cell   # (B, cells, D)
+
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum over attributes of the mean cross-entropy per cell; ``labels`` (B, cells, attributes) long."""
+        return cell_attribute_loss(self.logits(feats), labels, self.classes)
+
+    @torch.no_grad()
+    def accuracy(self, feats: torch.Tensor, labels: torch.Tensor,
+                 names: tuple[str, ...] = ("colour", "shape", "size")) -> dict[str, float]:
+        """Accuracy of each attribute over the occupied cells (label 0 = empty), and of "empty" over all cells."""
+        parts = self.logits(feats).split(self.classes, dim=-1)
+        occupied = labels[..., 0] > 0
+        out = {name: float((parts[j].argmax(-1) == labels[..., j])[occupied].float().mean())
+               for j, name in enumerate(names)}
+        out["empty"] = float(((parts[0].argmax(-1) == 0) == ~occupied).float().mean())
+        return out
+
+
+def cell_attribute_loss(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
+    """Cross-entropy of per-cell attribute logits (B, cells, sum(classes)) against labels (B, cells, attributes):
+    the mean over cells of each attribute, summed over the attributes."""
+    parts = logits.split(tuple(classes), dim=-1)
+    return sum(F.cross_entropy(p.reshape(-1, k), labels[..., j].reshape(-1))
+               for j, (p, k) in enumerate(zip(parts, classes)))
 
 
 class ChannelLayerNorm(nn.LayerNorm):
