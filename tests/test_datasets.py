@@ -352,3 +352,26 @@ def test_index_out_of_range():
         ds[3]
     assert len(list(ds)) == 3     # plain iteration stops at the IndexError
     assert ds[-1]["index"] == 2
+
+
+def test_vqa_sampler_focus_asks_one_type_more_often():
+    import torch
+
+    from mmkit.data.scenes import SceneBank
+    from mmkit.data.vqa import VQASampler
+
+    bank = SceneBank.build("train", 200, image_size=32)
+    g = lambda: torch.Generator().manual_seed(0)                          # noqa: E731
+    plain = VQASampler(bank).batch_fn(g(), 64)
+    assert VQASampler(bank, focus_qtype="relation", focus_share=0.0).batch_fn(g(), 64)["questions"] == plain["questions"]
+    only = VQASampler(bank, focus_qtype="relation", focus_share=1.0).batch_fn(g(), 64)
+    assert set(only["qtypes"]) == {"relation"} and len(only["questions"]) == 64
+    half = VQASampler(bank, focus_qtype="relation", focus_share=0.5).batch_fn(g(), 400)["qtypes"]
+    usual = VQASampler(bank).batch_fn(g(), 400)["qtypes"]
+    # half of the draws ask a relation (one-object scenes have none and are drawn again): ~0.4 vs ~0.1 usually
+    assert half.count("relation") / 400 > usual.count("relation") / 400 + 0.2, (half.count("relation"),
+                                                                               usual.count("relation"))
+    with pytest.raises(ValueError, match="focus_qtype"):
+        VQASampler(bank, focus_qtype="relations")
+    with pytest.raises(ValueError, match="focus_share"):
+        VQASampler(bank, focus_qtype="relation", focus_share=1.5)

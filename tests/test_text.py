@@ -699,3 +699,37 @@ def test_text_corpus_yields_both_languages():
     texts = list(text_corpus(3, split="val"))
     assert any(t.isascii() for t in texts) and any(not t.isascii() for t in texts)
     assert texts == list(text_corpus(3, split="val"))
+
+
+def test_canonical_question_asks_one_direction_per_axis_with_the_same_answer():
+    from mmkit.data.world import make_scene
+
+    assert T.canonical_question("is the red circle right of the blue square?") == "is the blue square left of the red circle?"
+    assert T.canonical_question("is the square at the top right below the circle?") == \
+        "is the circle above the square at the top right?"
+    assert T.canonical_question("红色圆形在蓝色正方形的右边吗？") == "蓝色正方形在红色圆形的左边吗？"
+    assert T.canonical_question("圆形在正方形的下面吗？") == "正方形在圆形的上面吗？"
+    for q in ("is the circle left of the square?", "is there a red square?", "what colour is the circle?",
+              "圆形在正方形的左边吗？", "圆形在哪里？"):
+        assert T.canonical_question(q) == q
+    # every relation question of many scenes: the rewrite keeps the answer (checked against the scene by the world's
+    # own relation rule on the rewritten wording) and leaves only "left of" / "above"
+    scene = make_scene([("circle", "red", "large", "top left"), ("square", "blue", "small", "bottom right"),
+                        ("triangle", "green", "large", "center")])
+    by_shape = {o.shape: o for o in scene.objects}          # one object per shape: a referent names its shape
+
+    def obj(referent):
+        (shape,) = [s for s in by_shape if s in referent]
+        return by_shape[shape]
+
+    n = 0
+    for qa in T.questions(scene, "en"):
+        if qa.qtype != "relation":
+            continue
+        c = T.canonical_question(qa.question)
+        m = re.fullmatch(r"is (.+) (left of|right of|above|below) (.+)\?", c)
+        assert m and m.group(2) in ("left of", "above"), c
+        holds = T.relation_holds(obj(m.group(1)), m.group(2), obj(m.group(3)))
+        assert ("yes" if holds else "no") == qa.answer, (qa.question, c, qa.answer)
+        n += 1
+    assert n == 12                                           # 3 pairs x 2 axes x (true, opposite)

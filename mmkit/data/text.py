@@ -42,6 +42,7 @@ Semantics (what the words mean in this world):
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Callable, NamedTuple, Sequence
 
@@ -285,6 +286,25 @@ def relations(scene: Scene) -> list[Relation]:
         for r in RELATIONS
         if relation_holds(a, r, b)
     ]
+
+
+_CANONICAL_EN = re.compile(r"is (.+) (right of|below) (.+)\?")
+_CANONICAL_ZH = re.compile(r"(.+)在(.+)的(右边|下面)吗？")
+
+
+def canonical_question(question: str) -> str:
+    """A relation question asked in its one direction per axis: "is A right of B?" -> "is B left of A?", "is A below
+    B?" -> "is B above A?" (Chinese: "A在B的右边吗？" -> "B在A的左边吗？"); the answer is the same, other questions are
+    returned unchanged. Why: the world asks each pair's true relation and its opposite, so the yes / no answer is an
+    XOR of the asked direction and the one that holds, which no input predicts alone and a tiny model does not learn
+    in minutes; in one direction the answer follows from the two objects' cells (notebook 04, section 6)."""
+    m = _CANONICAL_EN.fullmatch(question)
+    if m:
+        return f"is {m.group(3)} {'left of' if m.group(2) == 'right of' else 'above'} {m.group(1)}?"
+    m = _CANONICAL_ZH.fullmatch(question)
+    if m:
+        return f"{m.group(2)}在{m.group(1)}的{'左边' if m.group(3) == '右边' else '上面'}吗？"
+    return question
 
 
 def relation_sentence(subject: str, relation: str, obj: str, lang: str) -> str:

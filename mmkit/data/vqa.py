@@ -62,16 +62,24 @@ def check_question(question) -> str:
 class VQASampler:
     """Random training questions over a bank: a scene at random, its language, a question type uniformly among
     those the scene has, a question of it (:func:`mmkit.data.text.sample_question`), the clean or augmented view.
+    With ``focus_qtype``, a question of that type (uniformly among the scene's) is asked with probability
+    ``focus_share`` instead (scenes without one are skipped for those draws).
     """
 
-    def __init__(self, bank: SceneBank, lang: str = "both", aug_fraction: float = 0.0):
+    def __init__(self, bank: SceneBank, lang: str = "both", aug_fraction: float = 0.0, focus_qtype: str | None = None,
+                 focus_share: float = 0.0):
         if lang not in ("en", "zh", "both"):
             raise ValueError(f"lang must be 'en', 'zh' or 'both', got {lang!r}")
         if not 0.0 <= aug_fraction <= 1.0:
             raise ValueError(f"aug_fraction must be in [0, 1], got {aug_fraction}")
         if aug_fraction > 0 and bank.n_augmented == 0:
             raise ValueError("aug_fraction > 0 needs a SceneBank built with n_augmented > 0 augmented views")
+        if focus_qtype is not None and focus_qtype not in QTYPES:
+            raise ValueError(f"focus_qtype must be one of {QTYPES} or None, got {focus_qtype!r}")
+        if not 0.0 <= focus_share <= 1.0:
+            raise ValueError(f"focus_share must be in [0, 1], got {focus_share}")
         self.bank, self.lang, self.aug_fraction = bank, lang, aug_fraction
+        self.focus_qtype, self.focus_share = focus_qtype, focus_share     # that type asked with this probability
 
     def batch_fn(self, generator: torch.Generator, batch_size: int) -> dict:
         """``batch_fn`` for :func:`mmkit.train.train`: {"images": (B, 3, S, S), "questions", "answers", "qtypes",
@@ -79,10 +87,16 @@ class VQASampler:
         rng = random.Random(int(torch.randint(2**62, (), generator=generator)))
         n_aug = self.bank.n_augmented
         images, qs, ans, types, langs, augs = [], [], [], [], [], []
-        for _ in range(batch_size):
+        while len(qs) < batch_size:
             i = rng.randrange(len(self.bank))
             lang = rng.choice(("en", "zh")) if self.lang == "both" else self.lang
-            qa = sample_question(self.bank.scenes[i], lang, seed=rng.randrange(2**31))
+            if self.focus_qtype is not None and self.focus_share > 0 and rng.random() < self.focus_share:
+                focus = [qa for qa in questions(self.bank.scenes[i], lang) if qa.qtype == self.focus_qtype]
+                if not focus:                        # this scene has none (relations need two objects): another
+                    continue
+                qa = rng.choice(focus)
+            else:
+                qa = sample_question(self.bank.scenes[i], lang, seed=rng.randrange(2**31))
             aug = i < n_aug and rng.random() < self.aug_fraction
             images.append(self.bank.image(i, aug))
             qs.append(qa.question), ans.append(qa.answer), types.append(qa.qtype), langs.append(lang), augs.append(aug)

@@ -14,7 +14,7 @@ starts from another checkpoint loads it here, visibly, with :func:`mmkit.hub.loa
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,8 @@ from mmkit.m6.tasks.itm import ITM_TRAIN, ITM_TRAIN_FAST, finetune_itm, itm_mode
 from mmkit.m6.tasks.pretrain import pretrain, recipe_configs
 from mmkit.m6.tasks.t2i import (HELDOUT_PAIRS, RECIPE_TRAIN as T2I_TRAIN, RECIPE_TRAIN_FAST as T2I_TRAIN_FAST,
                                 SamplingConfig, T2IDataConfig, eval_prompts, evaluate_t2i, finetune_t2i)
-from mmkit.m6.tasks.vqa import VQA_TRAIN, VQA_TRAIN_FAST, VQAConfig, finetune_vqa, zero_shot_answers
+from mmkit.m6.tasks.vqa import (VQA_RELATION_FOCUS, VQA_RELATION_TRAIN, VQA_RELATION_TRAIN_FAST, VQA_TRAIN,
+                                VQA_TRAIN_FAST, VQAConfig, finetune_vqa, vqa_bank, zero_shot_answers)
 from mmkit.registry import recipe
 from mmkit.tokenizer import world_tokenizer
 from mmkit.train import TrainConfig, save_checkpoint
@@ -90,11 +91,19 @@ def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
         VQAConfig(image_lr_scale=0.0)
     torch.manual_seed(tcfg.seed)
     model = M6Model.with_cell_code(hub.load("m6-tiny-pretrained")).train()
-    run = finetune_vqa(model, train_config=tcfg, config=cfg, n_eval=100 if fast else 400)
+    bank = vqa_bank(cfg, "train")
+    first = finetune_vqa(model, train_config=tcfg, config=cfg, bank=bank, n_eval=0)
+    # then relations, asked in one direction per axis, half of the questions (VQA_RELATION_TRAIN's note)
+    rcfg = TrainConfig(**(VQA_RELATION_TRAIN_FAST if fast else VQA_RELATION_TRAIN))
+    run = finetune_vqa(first.model.train(), train_config=rcfg, config=replace(cfg, **VQA_RELATION_FOCUS), bank=bank,
+                       n_eval=100 if fast else 400)
+    run = run._replace(cell_code=first.cell_code)
     _, zs_gen, zs_rank = zero_shot_answers(hub.load("m6-tiny-pretrained"), n=50 if fast else 200)
-    hist = run.result.history
-    save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
-                    history=hist[::25] + [hist[-1]], extra={"vqa_config": asdict(cfg)})
+    steps = first.result.step + run.result.step
+    hist = first.result.history + [dict(h, step=h["step"] + first.result.step) for h in run.result.history]
+    save_checkpoint(out_dir, run.model, step=steps, train_config=tcfg, history=hist[::25] + [hist[-1]],
+                    extra={"vqa_config": asdict(cfg), "relation_phase": {"train": dict(asdict(rcfg)),
+                                                                         "focus": VQA_RELATION_FOCUS}})
     return {"test_acc": _r4(run.eval.accuracy), "test_n_questions": run.eval.n_questions,
             **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_type.items()},
             **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_lang.items()},
@@ -104,9 +113,10 @@ def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
             **{f"augmented_acc_{k}": _r4(v) for k, v in run.eval_augmented.per_type.items()},
             "zero_shot_generated_acc": _r4(zs_gen.accuracy), "zero_shot_ranked_acc": _r4(zs_rank.accuracy),
             **{f"zero_shot_ranked_acc_{k}": _r4(v) for k, v in zs_rank.per_type.items()},
-            "steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
+            "steps": steps, "relation_phase_steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
             "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
-            "train_seconds": round(run.result.seconds, 1), "wall_seconds": round(run.seconds, 1),
+            "train_seconds": round(first.result.seconds + run.result.seconds, 1),
+            "wall_seconds": round(first.seconds + run.seconds, 1),
             "torch_threads": torch.get_num_threads()}
 
 
