@@ -795,6 +795,8 @@ register_model("m6", M6Config, M6Model)
 
 # Trains on 2 CPU cores in minutes on 32 px world images: 16 visual tokens + ~15 caption tokens, ~1M params.
 register_preset("m6-tiny", lambda: M6Config())
+# m6-tiny reading one code token per world cell (M6Model.with_cell_code): the shipped m6-tiny-vqa (issue 12)
+register_preset("m6-tiny-cells", lambda: M6Config(visual_tokens="cells"))
 
 # Full size (Table 4). What the paper does not give is assumed as explained in scaled/configs/m6_base.yaml
 # (same values): BERT-Chinese's 21128 WordPiece ids + the [BOS]/[EOS] that mmkit.tokenizer.load_tokenizer

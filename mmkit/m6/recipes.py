@@ -82,7 +82,7 @@ def train_m6_tiny_itm(out_dir: Path, fast: bool) -> dict:
 
 
 @recipe("m6-tiny-vqa", "M6 tiny fine-tuned for generative VQA (M6 §4.2 'question ... answer:'), EN + ZH, "
-        "with drawing augmentations", config="m6-tiny", needs=("m6-tiny-pretrained",))
+        "with drawing augmentations", config="m6-tiny-cells", needs=("m6-tiny-pretrained",))
 def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
     tcfg = TrainConfig(**(VQA_TRAIN_FAST if fast else VQA_TRAIN))
     # The answer side reads one code token per world cell (M6Model.with_cell_code, issue 12): its head is trained
