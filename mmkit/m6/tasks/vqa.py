@@ -68,7 +68,8 @@ from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unw
 __all__ = [
     "PROMPTS", "vqa_prompt", "VQAConfig", "vqa_bank", "vqa_loss", "answer", "answer_batch", "score_candidates",
     "answer_heatmap", "evaluate_vqa", "evaluate_vqa_images", "zero_shot_answers", "ZeroShotAnswer",
-    "VQA_TRAIN", "VQA_TRAIN_FAST", "VQA_RELATION_TRAIN", "VQA_RELATION_TRAIN_FAST", "VQA_RELATION_FOCUS", "VQARun", "train_cell_code", "finetune_vqa", "check_question", "MAX_PROMPT_TOKENS",
+    "VQA_TRAIN", "VQA_TRAIN_FAST", "VQA_RELATION_TRAIN", "VQA_RELATION_TRAIN_FAST", "VQA_RELATION_FOCUS", "VQARun",
+    "train_cell_code", "finetune_vqa", "check_question", "MAX_PROMPT_TOKENS",
 ]
 
 # M6 §4.2: "question ... Answer:" - the pattern that turns a question into text to continue.
@@ -76,8 +77,9 @@ PROMPTS: dict[str, str] = {"en": "{q} answer:", "zh": "{q}答案："}
 
 
 def vqa_prompt(question: str) -> str:
-    """M6 §4.2 pattern: normalised question + "answer:" ("答案：" for Chinese). Relation questions are asked in their
-    one direction per axis ("is A right of B?" reads "is B left of A?": :func:`mmkit.data.text.canonical_question`)."""
+    """M6 §4.2 pattern: normalised question + "answer:" ("答案：" for Chinese). Relation questions are asked in
+    their one direction per axis: "is A right of B?" reads "is B left of A?"
+    (:func:`mmkit.data.text.canonical_question`)."""
     q = canonical_question(normalise_question(question))
     return PROMPTS[question_language(q)].format(q=q)
 
@@ -259,8 +261,9 @@ def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None
 
     ``"gradcam"`` (ALBEF's demo, on M6's patch features): relevance of patch n = ReLU(sum_d dlogP/dv_nd * v_nd), v the
     (B, h x w, D) patch features of M6 §3.1, bilinearly upsampled; for a ``visual_tokens="cells"`` model the relevance
-    of world cell k is |dlogP/dt_k| on its cell token (sure answers saturate, and g . t is then noise around 0). ``"saliency"``: |dlogP/dpixel| (max over colour),
-    smoothed by a 3x3 average. logP = log P(answer + [EOS] | image, question) under teacher forcing.
+    of world cell k is |dlogP/dt_k| on its cell token (sure answers saturate, and g . t is then noise around 0).
+    ``"saliency"``: |dlogP/dpixel| (max over colour), smoothed by a 3x3 average. logP = log P(answer + [EOS] | image,
+    question) under teacher forcing.
     """
     if method not in ("gradcam", "saliency"):
         raise ValueError(f"method must be 'gradcam' or 'saliency', got {method!r}")
