@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from mmkit.generation import register_cached_forward, sample_next
 from mmkit.m6.masking import IGNORE_INDEX, SEG_DECODER, SEG_ENCODER, SEG_PAD, SEG_VISUAL, TaskBatch, unified_mask
 from mmkit.nn import (CellCodeTokens, ConvFeatureExtractor, KVCache, PatchFeatures, PositionEmbedding,
-                      PositionEmbedding2D, TransformerBlock, TypeEmbedding, cell_attribute_loss, evaluating,
-                      init_weights)
+                      PositionEmbedding2D, TransformerBlock, TypeEmbedding, cell_attribute_accuracy,
+                      cell_attribute_loss, evaluating, init_weights)
 from mmkit.nn.moe import ExpertParallelMoE, MoEConfig, MoEFeedForward
 from mmkit.objectives.lm import token_cross_entropy, token_log_probs
 from mmkit.registry import register_model, register_preset
@@ -186,16 +186,15 @@ class M6Model(nn.Module):
             self.feature_extractor = ConvFeatureExtractor(c.in_channels, tuple(c.feature_channels),
                                                           tuple(c.feature_strides), d_model=D)
             feat_dim, self.feature_grid = D, self.feature_extractor.grid_size(c.image_size)   # F, (h, w)
-            self.patch_proj = nn.Identity()                                   # the extractor ends at width D
         else:
             self.feature_extractor = feature_extractor
             feat_dim, self.feature_grid = _probe_extractor(feature_extractor, c)
-            self.patch_proj = nn.Linear(feat_dim, D)                          # F -> D
         if c.visual_tokens == "cells":            # one token per world cell instead of one per patch (issue 12)
             self.patch_proj = CellCodeTokens(self.feature_grid, feat_dim, D, cell_grid=c.cell_grid,
                                              classes=tuple(c.cell_classes))
             self.grid_size = (c.cell_grid, c.cell_grid)
-        else:
+        else:                                     # F -> D (the built-in extractor ends at width D already)
+            self.patch_proj = nn.Identity() if feature_extractor is None else nn.Linear(feat_dim, D)
             self.grid_size = self.feature_grid                                # (h, w) of the visual tokens
         self.num_visual_tokens = self.grid_size[0] * self.grid_size[1]       # N visual positions
         self.pos_emb_2d = PositionEmbedding2D(self.grid_size, D)             # where each patch sits
@@ -263,14 +262,19 @@ class M6Model(nn.Module):
             raise ValueError(f"images are {images.shape[-2]}x{images.shape[-1]} but this M6 was built for "
                              f"image_size={c.image_size}: resize them (e.g. ImageTextDataset(image_size="
                              f"{c.image_size})) or build the model with image_size={images.shape[-1]}")
+        v = self.patch_proj(self.patch_features(images))             # (B, N, D); "cells": (B, cell_grid^2, D)
+        # M6 §3.1 "line up the representations to a sequence by their positions" (+ where each one sits)
+        return v + self.pos_emb_2d(self.grid_size) + self.segment_emb(SEG_VISUAL)  # (B, N, D)
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> (B, N, F) patch features of the feature extractor (M6 §3.1), before the
+        projection (or the cell code) makes them visual tokens."""
         images = (images - self.image_mean) / self.image_std                      # [0, 1] -> about [-1, 1]
         feats, grid = _as_features(self.feature_extractor(images))                # (B, N, F), (h, w)
         if tuple(grid) != tuple(self.feature_grid):
             raise ValueError(f"the feature extractor gave a {grid[0]}x{grid[1]} grid, expected "
                              f"{self.feature_grid[0]}x{self.feature_grid[1]}")
-        v = self.patch_proj(feats)                                   # (B, N, D); "cells": (B, cell_grid^2, D)
-        # M6 §3.1 "line up the representations to a sequence by their positions" (+ where each one sits)
-        return v + self.pos_emb_2d(self.grid_size) + self.segment_emb(SEG_VISUAL)  # (B, N, D)
+        return feats
 
     def embed_text(self, ids: torch.Tensor, segment: int, offset: int = 0) -> torch.Tensor:
         """Token ids (B, L) -> (B, L, D): word + 1-D position (from ``offset``) + segment embedding."""
@@ -557,10 +561,7 @@ class GridProbe(nn.Module):
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor,
                  names: tuple[str, ...] = ("colour", "shape", "size")) -> dict[str, float]:
         """Accuracy of each attribute over the occupied cells (label 0 = empty)."""
-        parts = self(images).split(self.classes, dim=-1)
-        occupied = labels[..., 0] > 0
-        return {name: float((parts[j].argmax(-1) == labels[..., j])[occupied].float().mean())
-                for j, name in enumerate(names)}
+        return cell_attribute_accuracy(self(images), labels, self.classes, names)
 
 
 # =========================================================================================================

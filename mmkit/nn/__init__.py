@@ -12,13 +12,13 @@ from mmkit.nn.attention import (KVCache, MultiHeadAttention, causal_mask, check_
 from mmkit.nn.blocks import ACTIVATIONS, FeedForward, TransformerBlock
 from mmkit.nn.embeddings import (CellCodeTokens, ChannelLayerNorm, ConvFeatureExtractor, ImageEmbeddings,
                                  PatchEmbedding, PatchFeatures, PositionEmbedding, PositionEmbedding2D, TextEmbeddings,
-                                 TypeEmbedding, cell_attribute_loss)
+                                 TypeEmbedding, cell_attribute_accuracy, cell_attribute_loss)
 from mmkit.nn.init import init_weights
 from mmkit.nn.modes import evaluating
 
 __all__ = [
     "causal_mask", "padding_mask", "combine_masks", "to_additive", "check_mask", "KVCache", "MultiHeadAttention",
-    "ACTIVATIONS", "FeedForward", "TransformerBlock", "PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "CellCodeTokens", "cell_attribute_loss",
+    "ACTIVATIONS", "FeedForward", "TransformerBlock", "PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "CellCodeTokens", "cell_attribute_loss", "cell_attribute_accuracy",
     "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding", "ImageEmbeddings", "TextEmbeddings",
     "init_weights", "evaluating",
 ]

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "CellCodeTokens", "cell_attribute_loss",
-           "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding", "pair", "ImageEmbeddings",
-           "TextEmbeddings"]
+           "cell_attribute_accuracy", "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding",
+           "pair", "ImageEmbeddings", "TextEmbeddings"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,12 +125,21 @@ class CellCodeTokens(nn.Module):
     def accuracy(self, feats: torch.Tensor, labels: torch.Tensor,
                  names: tuple[str, ...] = ("colour", "shape", "size")) -> dict[str, float]:
         """Accuracy of each attribute over the occupied cells (label 0 = empty), and of "empty" over all cells."""
-        parts = self.logits(feats).split(self.classes, dim=-1)
-        occupied = labels[..., 0] > 0
-        out = {name: float((parts[j].argmax(-1) == labels[..., j])[occupied].float().mean())
-               for j, name in enumerate(names)}
+        return cell_attribute_accuracy(self.logits(feats), labels, self.classes, names, with_empty=True)
+
+
+def cell_attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...],
+                            names: tuple[str, ...] = ("colour", "shape", "size"),
+                            with_empty: bool = False) -> dict[str, float]:
+    """Accuracy of each attribute's argmax over the occupied cells (label 0 = empty) of per-cell logits (B, cells,
+    sum(classes)); ``with_empty`` adds "empty": whether the first attribute's argmax says empty, over all cells."""
+    parts = logits.split(tuple(classes), dim=-1)
+    occupied = labels[..., 0] > 0
+    out = {name: float((parts[j].argmax(-1) == labels[..., j])[occupied].float().mean())
+           for j, name in enumerate(names)}
+    if with_empty:
         out["empty"] = float(((parts[0].argmax(-1) == 0) == ~occupied).float().mean())
-        return out
+    return out
 
 
 def cell_attribute_loss(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:

@@ -66,8 +66,8 @@ from mmkit.tokenizer import SpecialIds, decode_rows, pad_ids, tokenizer_or_world
 from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
 
 __all__ = [
-    "PROMPTS", "vqa_prompt", "VQAConfig", "vqa_bank", "vqa_loss", "answer", "answer_batch", "score_candidates",
-    "answer_heatmap", "evaluate_vqa", "evaluate_vqa_images", "zero_shot_answers", "ZeroShotAnswer",
+    "PROMPTS", "vqa_prompt", "read_question", "VQAConfig", "vqa_bank", "vqa_loss", "answer", "answer_batch",
+    "score_candidates", "answer_heatmap", "evaluate_vqa", "evaluate_vqa_images", "zero_shot_answers", "ZeroShotAnswer",
     "VQA_TRAIN", "VQA_TRAIN_FAST", "VQA_RELATION_TRAIN", "VQA_RELATION_TRAIN_FAST", "VQA_RELATION_FOCUS", "VQARun",
     "train_cell_code", "finetune_vqa", "check_question", "MAX_PROMPT_TOKENS",
 ]
@@ -80,8 +80,13 @@ def vqa_prompt(question: str) -> str:
     """M6 §4.2 pattern: normalised question + "answer:" ("答案：" for Chinese). Relation questions are asked in
     their one direction per axis: "is A right of B?" reads "is B left of A?"
     (:func:`mmkit.data.text.canonical_question`)."""
-    q = canonical_question(normalise_question(question))
+    q = read_question(question)
     return PROMPTS[question_language(q)].format(q=q)
+
+
+def read_question(question: str) -> str:
+    """The question as M6 reads it: normalised (:func:`normalise_question`), relations in one direction per axis."""
+    return canonical_question(normalise_question(question))
 
 
 MAX_PROMPT_TOKENS = 48             # the encoder text the model reads (VQAConfig.max_prompt_tokens); the world's
@@ -248,7 +253,7 @@ def answer(model, image, question: str, tokenizer=None, top_k: int = 5, num_beam
             raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
     tok = tokenizer_or_world(tokenizer)
     x = image_for_model(image, model.config.image_size)[None]                            # (1, 3, S, S)
-    q = canonical_question(normalise_question(question))          # what the model reads (vqa_prompt)
+    q = read_question(question)
     lang = question_language(q)
     with evaluating(model):
         text = answer_batch(model, x, [q], tok, max_new_tokens, num_beams)[0]
@@ -430,7 +435,7 @@ def _cell_features(model, bank: SceneBank, augmented: bool, n: int, batch: int =
     with evaluating(m):
         for s in range(0, n, batch):
             x = bank.images(range(s, min(n, s + batch)), augmented)
-            out.append(m.feature_extractor((x - m.image_mean) / m.image_std)[0])
+            out.append(m.patch_features(x))
     return torch.cat(out)
 
 
@@ -461,8 +466,10 @@ def train_cell_code(model, bank: SceneBank, steps: int = 800, batch_size: int = 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    test = SceneBank.build("test", n_test, image_size=m.config.image_size) if n_test else None
-    acc = code.accuracy(_cell_features(m, test, False, n_test), object_labels(test.scenes)) if n_test else {}
+    acc = {}
+    if n_test:
+        test = SceneBank.build("test", n_test, image_size=m.config.image_size)
+        acc = code.accuracy(_cell_features(m, test, False, n_test), object_labels(test.scenes))
     return {"steps": steps, "last_loss": round(float(loss.detach()), 4), "seconds": round(time.perf_counter() - t0, 1),
             "test": {k: round(v, 4) for k, v in acc.items()}}
 
