@@ -67,6 +67,7 @@ so accelerate's own FSDP / DeepSpeed code runs here exactly as it would on GPUs 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -97,7 +98,7 @@ __all__ = [
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
-    "expert_param_names", "expert_ranges", "check_train_config",
+    "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -533,7 +534,7 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
                     scheduler: Any = None, *, step: int = 0, train_config: TrainConfig | None = None,
                     history: list[dict] | None = None, evals: list[dict] | None = None,
                     extra: dict | None = None, state_dict: dict | None = None, exclude: list[str] | tuple = (),
-                    tmp_dir: str | Path | None = None) -> Path:
+                    tmp_dir: str | Path | None = None, weights_dtype: torch.dtype | None = None) -> Path:
     """Write a checkpoint folder atomically (see module doc); returns its path. Call it on ONE process.
 
     With only ``model`` it writes a plain model checkpoint (``model.safetensors`` + ``config.json`` +
@@ -548,6 +549,10 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     FSDP / DeepSpeed shards) instead of ``model``'s; ``exclude`` names weights left out of ``model.safetensors``
     (expert shards the ranks wrote); ``tmp_dir`` is the folder, made by :func:`mmkit.io.make_tmp_dir` beside
     ``ckpt_dir``, into which the other ranks already wrote their files.
+
+    ``weights_dtype=torch.float16`` stores every float32 weight in half precision: the shipped tiny checkpoints
+    are half the size, and loading casts them back (``load_state_dict`` copies into the float32 model).
+    :func:`rounded_to_half` gives the model such a file loads as, so a recipe can measure what it ships.
     """
     from safetensors.torch import save_file, save_model
 
@@ -559,10 +564,13 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
         recover_dir(ckpt_dir, _is_complete_checkpoint)     # leftovers of a killed earlier save: put back / delete
     tmp = make_tmp_dir(ckpt_dir) if tmp_dir is None else Path(tmp_dir)
     try:
-        if state_dict is None and not exclude:
+        if state_dict is None and not exclude and weights_dtype is None:
             save_model(raw, str(tmp / WEIGHTS_NAME))
         else:
-            save_file(_deduplicated(raw, state_dict, set(exclude)), str(tmp / WEIGHTS_NAME))
+            tensors = _deduplicated(raw, state_dict, set(exclude))
+            if weights_dtype is not None:
+                tensors = {k: v.to(weights_dtype) if v.dtype == torch.float32 else v for k, v in tensors.items()}
+            save_file(tensors, str(tmp / WEIGHTS_NAME))
         cfg_dict = _model_config_dict(raw)
         if cfg_dict is not None:
             atomic_write_json(tmp / CONFIG_NAME, _json_safe(cfg_dict))
@@ -602,6 +610,17 @@ def _deduplicated(raw: nn.Module, state_dict: dict | None, exclude: set) -> dict
         groups.setdefault(id(p), []).append(name)
     drop = {n for names in groups.values() for n in sorted(names)[1:]}   # safetensors keeps the first name sorted
     return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop and k not in exclude}
+
+
+def rounded_to_half(model: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` whose float weights went through float16: what a checkpoint saved with
+    ``weights_dtype=torch.float16`` loads as (``model`` itself is left alone)."""
+    out = copy.deepcopy(unwrap(model))
+    with torch.no_grad():
+        for t in list(out.parameters()) + list(out.buffers()):
+            if t.dtype == torch.float32:
+                t.copy_(t.half().float())
+    return out
 
 
 def expert_param_names(model: nn.Module) -> list[str]:

@@ -36,18 +36,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #
 # THE TABLE TO RAISE: the margin the model must clear over the blind baseline, per question type (None: no per-type
 # floor). Measured for the shipped m6-tiny-vqa (one code token per world cell, relation questions asked in one
-# direction; issue 12) on this test's questions (world test split, 160 scenes, 1062 questions; model / blind): colour
-# 0.963 / 0.100, shape 0.963 / 0.331, size 1.000 / 0.519, count 0.863 / 0.644, existence 0.981 / 0.525, position
-# 0.994 / 0.081, relation 0.931 / 0.559, overall 0.958 / 0.385. (The patch-token model before it: overall 0.655,
-# existence 0.537, relation 0.392; the cell-token model before the relation phase: relation 0.578, count 0.956.)
+# direction, 1800 + 500 steps: 8.1 CPU-minutes; issue 12) on this test's questions (world test split, 160 scenes, 1062
+# questions; model / blind): colour 0.925 / 0.100, shape 0.950 / 0.331, size 0.981 / 0.519, count 0.887 / 0.644,
+# existence 0.931 / 0.525, position 1.000 / 0.081, relation 0.873 / 0.559, overall 0.939 / 0.385; English 0.924, Chinese
+# 0.954. (The 2400 + 600-step model before it, 12 CPU-minutes: overall 0.958, existence 0.981, relation 0.931; the
+# patch-token model: overall 0.655, existence 0.537, relation 0.392.)
 MARGIN_OVER_BLIND = {"colour": 0.75, "shape": 0.50, "size": 0.40, "count": 0.15, "existence": 0.38,
                      "position": 0.80, "relation": 0.30, "overall": 0.45, "per_language": 0.45}
 # Issue 12's targets, absolute: >= 0.90 overall and in each language, every type >= 0.80.
-ABSOLUTE_FLOOR = {"overall": 0.90, "colour": 0.90, "shape": 0.90, "size": 0.95, "count": 0.82, "existence": 0.93,
-                  "position": 0.95, "relation": 0.85, "per_language": 0.90}
+ABSOLUTE_FLOOR = {"overall": 0.90, "colour": 0.90, "shape": 0.90, "size": 0.95, "count": 0.82, "existence": 0.90,
+                  "position": 0.95, "relation": 0.83, "per_language": 0.90}
 # Pictures drawn by tests/_vqa_drawings.py (60 per type; model / blind measured): colour 0.983 / 0.250, shape 0.983 /
-# 0.383, count 0.783 / 0.367, overall 0.938 / 0.283 (issue 12's target: >= 0.85). The relation phase (no augmented
-# views) cost drawn counting: 0.933 before it.
+# 0.383, count 0.700 / 0.367, position 1.000 / 0.133, overall 0.917 / 0.283 (issue 12's target: >= 0.85). The
+# relation phase (no augmented views) costs drawn counting: 0.933 before it in the 2400-step model.
 DRAWN_MARGIN_OVER_BLIND = {"colour": 0.60, "shape": 0.50, "count": 0.30, "position": 0.70, "overall": 0.55}
 DRAWN_ABSOLUTE_FLOOR = 0.90
 

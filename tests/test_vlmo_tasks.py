@@ -166,17 +166,23 @@ def test_a_vqa_checkpoint_folder_rebuilds_the_same_model(tmp_path):
     assert vqa.answer(again, image, "how many shapes are there?") == vqa.answer(model, image, "how many shapes are there?")
 
 
-def test_a_float16_checkpoint_keeps_its_recorded_hashes(tmp_path):
-    """The recipes store float16 weights (save_half rewrites model.safetensors after save_checkpoint); whatever
-    sha256 trainer_state.json records must be the rewritten file's, so the folder loads (hub verifies every hash)."""
-    from mmkit.vlmo.recipes import save_half
+def test_a_float16_checkpoint_records_its_hashes_and_loads_as_rounded_to_half(tmp_path):
+    """The recipes store float16 weights (save_checkpoint(weights_dtype=torch.float16)): the file is half the size,
+    the sha256 trainer_state.json records is the written file's (hub verifies every hash), and what loads is exactly
+    rounded_to_half(model), the model the recipes measure as shipped."""
+    from mmkit.train import rounded_to_half
 
     model = VLMoForVQA.from_pretrained_vlmo(pretrained())
-    save_checkpoint(tmp_path / "ckpt", model)
-    save_half(tmp_path / "ckpt")
+    save_checkpoint(tmp_path / "full", model)
+    save_checkpoint(tmp_path / "ckpt", model, weights_dtype=torch.float16)
     mmkit.hub.verify_checkpoint(tmp_path / "ckpt")
+    full, half = ((tmp_path / d / "model.safetensors").stat().st_size for d in ("full", "ckpt"))
+    assert 0.45 < half / full < 0.55
     again = mmkit.hub.load_model_dir(tmp_path / "ckpt")
     assert torch.equal(again.vqa_head[-1].weight, model.vqa_head[-1].weight.half().float())
+    rounded = rounded_to_half(model)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), rounded.state_dict().values()))
+    assert not torch.equal(rounded.vqa_head[-1].weight, model.vqa_head[-1].weight)    # the original is untouched
 
 
 def test_a_short_vqa_finetune_runs_through_the_one_loop_and_evaluates():

@@ -27,10 +27,11 @@ from mmkit.m6.tasks.pretrain import pretrain, recipe_configs
 from mmkit.m6.tasks.t2i import (HELDOUT_PAIRS, RECIPE_TRAIN as T2I_TRAIN, RECIPE_TRAIN_FAST as T2I_TRAIN_FAST,
                                 SamplingConfig, T2IDataConfig, eval_prompts, evaluate_t2i, finetune_t2i)
 from mmkit.m6.tasks.vqa import (VQA_RELATION_FOCUS, VQA_RELATION_TRAIN, VQA_RELATION_TRAIN_FAST, VQA_TRAIN,
-                                VQA_TRAIN_FAST, VQAConfig, finetune_vqa, vqa_bank, zero_shot_answers)
+                                VQA_TRAIN_FAST, VQAConfig, evaluate_vqa, finetune_vqa, vqa_bank,
+                                zero_shot_answers)
 from mmkit.registry import recipe
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import TrainConfig, save_checkpoint
+from mmkit.train import TrainConfig, rounded_to_half, save_checkpoint
 
 __all__ = ["train_m6_tiny_pretrained", "train_m6_tiny_itm", "train_m6_tiny_vqa", "train_m6_tiny_t2i"]
 
@@ -48,7 +49,7 @@ def train_m6_tiny_pretrained(out_dir: Path, fast: bool) -> dict:
     run = pretrain(model, pcfg, tcfg)
     final = run.result.evals[-1] if run.result.evals else run.evaluator(model)
     save_checkpoint(out_dir, model, step=run.result.step, train_config=tcfg, history=run.result.history,
-                    evals=run.result.evals, extra={"pretrain_config": asdict(pcfg),
+                    evals=run.result.evals, weights_dtype=torch.float16, extra={"pretrain_config": asdict(pcfg),
                                                    "mixed_precision": run.result.mixed_precision,
                                                    "extractor_losses": run.extractor.losses if run.extractor else []})
     metrics = {k: _r4(v) for k, v in final.items() if k != "step"}
@@ -70,7 +71,8 @@ def train_m6_tiny_itm(out_dir: Path, fast: bool) -> dict:
     run = finetune_itm(model, tcfg, n_train=1000 if fast else 4000, n_eval=128 if fast else 512)
     hist = run.result.history
     save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
-                    history=hist[::10] + ([hist[-1]] if len(hist) % 10 != 1 else []))   # every 10th step: small
+                    history=hist[::10] + ([hist[-1]] if len(hist) % 10 != 1 else []),   # every 10th step: small
+                    weights_dtype=torch.float16)
     ev = run.eval
     return {"itm_acc": _r4(ev.accuracy), "positive_acc": _r4(ev.positive_acc), "n_eval": ev.n,
             **{f"acc_{k}": _r4(v) for k, v in ev.per_kind.items()},
@@ -84,6 +86,7 @@ def train_m6_tiny_itm(out_dir: Path, fast: bool) -> dict:
 @recipe("m6-tiny-vqa", "M6 tiny fine-tuned for generative VQA (M6 §4.2 'question ... answer:'), EN + ZH, "
         "with drawing augmentations", config="m6-tiny-cells", needs=("m6-tiny-pretrained",))
 def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
+    cpu0 = time.process_time()
     tcfg = TrainConfig(**(VQA_TRAIN_FAST if fast else VQA_TRAIN))
     # The answer side reads one code token per world cell (M6Model.with_cell_code, issue 12): its head is trained
     # first on frozen CNN features (code_steps), then the image side stays frozen while the Transformer learns.
@@ -93,15 +96,21 @@ def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
     model = M6Model.with_cell_code(hub.load("m6-tiny-pretrained")).train()
     bank = vqa_bank(cfg, "train")
     first = finetune_vqa(model, train_config=tcfg, config=cfg, bank=bank, n_eval=0)
+    cpu_first = time.process_time() - cpu0
     # then relations, asked in one direction per axis, half of the questions (VQA_RELATION_TRAIN's note)
     rcfg = TrainConfig(**(VQA_RELATION_TRAIN_FAST if fast else VQA_RELATION_TRAIN))
     run = finetune_vqa(first.model.train(), train_config=rcfg, config=replace(cfg, **VQA_RELATION_FOCUS), bank=bank,
-                       n_eval=100 if fast else 400)
-    run = run._replace(cell_code=first.cell_code)
+                       n_eval=0)
+    cpu_finetune = time.process_time() - cpu0       # issue 12's budget: bank + cell-code head + both phases
+    n_eval = 100 if fast else 400
+    run = run._replace(cell_code=first.cell_code, eval=evaluate_vqa(run.model, "test", n_eval),
+                       eval_augmented=evaluate_vqa(run.model, "test", n_eval, augmented=True))
+    half = evaluate_vqa(rounded_to_half(run.model).eval(), "test", n_eval)      # what the float16 file answers
     _, zs_gen, zs_rank = zero_shot_answers(hub.load("m6-tiny-pretrained"), n=50 if fast else 200)
     steps = first.result.step + run.result.step
     hist = first.result.history + [dict(h, step=h["step"] + first.result.step) for h in run.result.history]
     save_checkpoint(out_dir, run.model, step=steps, train_config=tcfg, history=hist[::25] + [hist[-1]],
+                    weights_dtype=torch.float16,
                     extra={"vqa_config": asdict(cfg), "relation_phase": {"train": dict(asdict(rcfg)),
                                                                          "focus": VQA_RELATION_FOCUS}})
     return {"test_acc": _r4(run.eval.accuracy), "test_n_questions": run.eval.n_questions,
@@ -109,14 +118,15 @@ def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
             **{f"test_acc_{k}": _r4(v) for k, v in run.eval.per_lang.items()},
             **{f"cell_code_test_{k}": v for k, v in run.cell_code["test"].items()},
             "cell_code_seconds": run.cell_code["seconds"],
-            "augmented_acc": _r4(run.eval_augmented.accuracy),
+            "fp16_test_acc": _r4(half.accuracy), "augmented_acc": _r4(run.eval_augmented.accuracy),
             **{f"augmented_acc_{k}": _r4(v) for k, v in run.eval_augmented.per_type.items()},
             "zero_shot_generated_acc": _r4(zs_gen.accuracy), "zero_shot_ranked_acc": _r4(zs_rank.accuracy),
             **{f"zero_shot_ranked_acc_{k}": _r4(v) for k, v in zs_rank.per_type.items()},
             "steps": steps, "relation_phase_steps": run.result.step, "first_loss": _r4(hist[0]["loss"]),
             "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
             "train_seconds": round(first.result.seconds + run.result.seconds, 1),
-            "wall_seconds": round(first.seconds + run.seconds, 1),
+            "wall_seconds": round(first.seconds + run.seconds, 1), "cpu_seconds_finetune": round(cpu_finetune, 1),
+            "relation_phase_cpu_seconds": round(cpu_finetune - cpu_first, 1),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -144,7 +154,7 @@ def train_m6_tiny_t2i(out_dir: Path, fast: bool) -> dict:
     save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
                     history=[{k: _r4(v) if isinstance(v, float) else v for k, v in h.items()}
                              for h in run.result.history[::10]],
-                    extra={"data_config": dict(asdict(dcfg))})
+                    extra={"data_config": dict(asdict(dcfg))}, weights_dtype=torch.float16)
     metrics.update(steps=run.result.step, first_loss=_r4(run.result.history[0]["loss"]),
                    last_loss=_r4(run.result.history[-1]["loss"]), train_seconds=round(run.result.seconds, 1),
                    wall_seconds=round(time.perf_counter() - t0, 1),

@@ -21,7 +21,6 @@ time (``time.process_time``, every thread).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
@@ -42,10 +41,10 @@ from mmkit.mplug.tasks.pretrain import PretrainConfig, PretrainData, StageConfig
 from mmkit.mplug.tasks.retrieval import evaluate_retrieval, finetune_retrieval
 from mmkit.mplug.tasks.vqa import VQAConfig, blind_eval, evaluate_vqa, finetune_vqa, fit_answer_prior
 from mmkit.registry import recipe, register_loader
-from mmkit.train import TrainConfig, save_checkpoint
+from mmkit.train import TrainConfig, rounded_to_half, save_checkpoint
 
 __all__ = ["PRETRAIN", "PRETRAIN_FAST", "VQA", "VQA_FAST", "CAPTION", "CAPTION_FAST", "RETRIEVAL", "RETRIEVAL_FAST",
-           "GROUNDING", "GROUNDING_FAST", "CLASSIFY", "CLASSIFY_FAST", "save_half", "rounded_to_half",
+           "GROUNDING", "GROUNDING_FAST", "CLASSIFY", "CLASSIFY_FAST", "save_half",
            "train_mplug_tiny_pretrained", "train_mplug_tiny_vqa", "train_mplug_tiny_caption",
            "train_mplug_tiny_retrieval", "train_mplug_tiny_grounding", "train_mplug_tiny_snli_ve",
            "train_mplug_tiny_nlvr2", "SWEEP", "SWEEP_FAST", "sweep_model", "train_mplug_tiny_stride_sweep"]
@@ -56,20 +55,10 @@ def _r4(v) -> float:
 
 
 def save_half(out_dir: Path, model, **kw) -> Path:
-    """:func:`mmkit.train.save_checkpoint` of a float16 copy of ``model`` without momentum encoders and queue (loading
+    """:func:`mmkit.train.save_checkpoint` in float16 of ``model`` without momentum encoders and queue (loading
     casts the weights back to float32: ``load_state_dict`` copies into the float32 model)."""
     m = model.with_config(momentum_encoders=False) if getattr(model.config, "momentum_encoders", False) else model
-    half = copy.deepcopy(m).half()
-    return save_checkpoint(out_dir, half, **kw)
-
-
-def rounded_to_half(model):
-    """A float32 copy of ``model`` whose weights went through float16 (what a float16 checkpoint loads as)."""
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.copy_(p.half().float())
-    return out
+    return save_checkpoint(out_dir, m, weights_dtype=torch.float16, **kw)
 
 
 def _history(hist: list[dict], every: int) -> list[dict]:

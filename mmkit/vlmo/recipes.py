@@ -14,21 +14,18 @@ reranking, is stage 3's).
 
 Each model recipe writes ``model.safetensors`` + ``config.json`` (+ ``trainer_state.json``) into the folder it is
 given and returns the metrics it measured, which :func:`mmkit.hub.run_recipe` stores in ``recipe.json``. Weights are
-stored in float16 (:func:`save_half`, ~3.5 MB a model): the kit ships ``vlmo-tiny-retrieval`` and ``vlmo-tiny-vqa``
+stored in float16 (``save_checkpoint(..., weights_dtype=torch.float16)``, ~3.5 MB a model): the kit ships ``vlmo-tiny-retrieval`` and ``vlmo-tiny-vqa``
 (VLMo's budget is 10 MB); stage 1 / 2 / 3, NLVR2 and image-only checkpoints are made on demand into the cache. The
 VQA recipe measures what rounding to float16 does to its accuracy (``fp16_test_acc``). Every recipe measures its CPU
 time with ``time.process_time()`` (``cpu_seconds``: this process, one torch thread) beside its wall-clock seconds.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 import mmkit.hub as hub
 from mmkit.config import build_model, load_config
@@ -36,7 +33,7 @@ from mmkit.data.scenes import SceneBank
 from mmkit.evaluation.vqa import prior_eval, world_answer_prior
 from mmkit.registry import recipe
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import TrainConfig, save_checkpoint, train
+from mmkit.train import TrainConfig, rounded_to_half, save_checkpoint, train
 from mmkit.vlmo.model import VLMoForImageClassification, VLMoForNLVR2, VLMoForVQA
 from mmkit.vlmo.tasks import image_only as IO
 from mmkit.vlmo.tasks import nlvr2 as N
@@ -44,33 +41,11 @@ from mmkit.vlmo.tasks import pretrain as P
 from mmkit.vlmo.tasks import retrieval as R
 from mmkit.vlmo.tasks import vqa as V
 
-__all__ = ["save_half", "half_rounded", "train_stage1", "train_stage2", "train_pretrained", "train_retrieval",
+__all__ = ["train_stage1", "train_stage2", "train_pretrained", "train_retrieval",
            "train_vqa", "train_nlvr2", "train_image_cls"]
 
 def _r4(v) -> float:
     return round(float(v), 4)
-
-
-def save_half(out_dir: Path) -> None:
-    """Rewrite ``out_dir/model.safetensors`` with every float32 tensor stored as float16 (loading casts them back to
-    the model's float32: ``load_state_dict`` copies into the existing parameters)."""
-    f = Path(out_dir) / "model.safetensors"
-    tensors = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in load_file(str(f)).items()}
-    save_file(tensors, str(f))
-    state = Path(out_dir) / "trainer_state.json"            # save_checkpoint may record the file's sha256 there:
-    if state.is_file():                                     # record the rewritten file's
-        info = json.loads(state.read_text(encoding="utf-8"))
-        if isinstance(info.get("sha256"), dict) and f.name in info["sha256"]:
-            info["sha256"][f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
-            state.write_text(json.dumps(info, indent=2), encoding="utf-8")
-
-
-def half_rounded(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every float parameter rounded to float16 and back (what a :func:`save_half` checkpoint holds)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
-    return model
 
 
 def _history(hist: list[dict], every: int = 10) -> list[dict]:
@@ -81,8 +56,7 @@ def _history(hist: list[dict], every: int = 10) -> list[dict]:
 
 def _save(out_dir: Path, model, result, tcfg, extra: dict | None = None) -> None:
     save_checkpoint(out_dir, model, step=result.step, train_config=tcfg, history=_history(result.history),
-                    extra=extra)
-    save_half(out_dir)
+                    extra=extra, weights_dtype=torch.float16)
 
 
 def _stage_metrics(run: P.StageRun, baselines: dict, cpu: float) -> dict:
@@ -260,7 +234,7 @@ def train_vqa(out_dir: Path, fast: bool) -> dict:
     aug = V.evaluate_vqa(run.model, "test", n_eval, augmented=True)
     prior = world_answer_prior()
     blind, blind_aug = prior_eval(prior, ev), prior_eval(prior, aug)
-    half = V.evaluate_vqa(half_rounded(run.model), "test", n_eval)           # what the float16 file answers
+    half = V.evaluate_vqa(rounded_to_half(run.model), "test", n_eval)           # what the float16 file answers
     hist = run.result.history
     _save(out_dir, run.model, run.result, tcfg, {"vqa_config": asdict(cfg)})
     return {"test_acc": _r4(ev.accuracy), "test_n_questions": ev.n_questions,
