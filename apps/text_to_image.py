@@ -9,7 +9,7 @@
 
 The generator comes from the one registry (:func:`mmkit.zoo.t2i_models`; M6 registers its code LM in
 ``mmkit/m6/apps.py``), loaded from the shipped checkpoints (vqgan-world, m6-tiny-t2i and, for reranking,
-m6-tiny-itm): nothing is trained on start. Images are shown 4x larger (nearest neighbour, so every generated
+m6-tiny-itm): nothing is trained on start. Images are shown at 128 px (nearest neighbour, so every generated
 pixel stays visible). Each image's caption gives its rank, its image-text matching score and what a pixel check
 (mmkit.evaluation.faithfulness) reads in it.
 """
@@ -37,9 +37,8 @@ EXAMPLES = [
     "a large red triangle on the left",          # a colour + shape pair the code LM never saw in training
 ]
 EXAMPLE = EXAMPLES[0]
-DISPLAY_SCALE = 4                                 # 32 px images are shown at 128 px
+DISPLAY_SIDE = 128                                # images are shown this large (an integer zoom, nearest)
 MAX_SAMPLES = 8
-MAX_TOP_K = 256                                   # the VQGAN has 256 codes; 0 = all
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 5.0
 MAX_SEED = 2**63 - 1                              # torch.Generator seeds are 64-bit
 
@@ -102,7 +101,7 @@ class T2IApp:
                 raise bad
             return x
 
-        k = number("top-k", 0 if top_k is None else top_k, 0, MAX_TOP_K, whole=True)
+        k = number("top-k", 0 if top_k is None else top_k, 0, self.entry.n_codes, whole=True)   # 0 = all codes
         return dict(n_samples=number("samples", n_samples, 1, MAX_SAMPLES, whole=True), top_k=k or None,
                     temperature=number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
                     seed=number("seed", seed, 0, MAX_SEED, whole=True))
@@ -149,28 +148,31 @@ def _display(img: torch.Tensor):
 
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     pil = Image.fromarray(arr)
-    return pil.resize((pil.width * DISPLAY_SCALE, pil.height * DISPLAY_SCALE), Image.NEAREST)
+    zoom = max(1, DISPLAY_SIDE // pil.width)
+    return pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
 
 
 def _verdict(check) -> str:
     if not check.detected:
         return "no object found"
-    d = check.detected[0]
     mark = "✓ matches the prompt" if check.ok else "✗ differs from the prompt"
-    return f"{mark} (reads: {d.size} {d.colour} {d.shape}, {d.position})"
+    reads = "; ".join(f"{d.size} {d.colour} {d.shape}, {d.position}" for d in check.detected)
+    return f"{mark} (reads: {reads})"
 
 
 def build_demo(app: T2IApp) -> gr.Blocks:
     with gr.Blocks(title="mmkit · text-to-image (M6 §4.1)") as demo:
-        gr.Markdown("## Text-to-image as M6 does it\nA prompt in English or Chinese → the code LM (pretrained M6 "
-                    "with image-code embeddings) samples 8×8 VQGAN codes → the VQGAN decoder paints 32 px. "
-                    "Samples appear as they finish; the rerank switch orders them by M6's image-text matching.")
+        side, grid = app.entry.image_size, app.entry.code_grid
+        gr.Markdown("## Text-to-image as M6 does it\nA prompt in English or Chinese (one or two objects) → the code "
+                    f"LM (pretrained M6 with image-code embeddings) samples {grid}×{grid} VQGAN codes → the VQGAN "
+                    f"decoder paints {side} px. Samples appear as they finish; the rerank switch orders them by M6's "
+                    "image-text matching.")
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt (English or Chinese)", value=EXAMPLE, lines=2, max_lines=4)
                 gr.Examples(EXAMPLES, inputs=[prompt])
                 with gr.Row():
-                    top_k = gr.Slider(0, 256, value=8, step=1, label="top-k (0 = all codes)")
+                    top_k = gr.Slider(0, app.entry.n_codes, value=8, step=1, label="top-k (0 = all codes)")
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                 with gr.Row():
                     n_samples = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="samples")

@@ -218,7 +218,9 @@ class T2IModelEntry(LoadsOnce):
     score: Callable[..., Any]
     can_score: Callable[[Any], bool]
     checkpoints: tuple[str, ...] = ()
-    image_size: int = 32
+    image_size: int = 32                             # the side of the images it draws
+    n_codes: int = 256                               # image codes the sampler chooses from (the app's top-k maximum)
+    code_grid: int = 8                               # codes per image side
     cache: dict = field(default_factory=dict, compare=False, repr=False)
     lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 

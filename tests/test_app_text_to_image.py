@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from apps_harness import ARTIFACTS, dump_dom, running_app, screenshot, not_blank
+from mmkit.zoo import t2i_models
 
 # Pixel check (mmkit.faithfulness) of 8 samples each of two prompts at the app's defaults (seed 0, top-k 8).
 # Measured: attributes right 0.875, images fully right 8 of 16; the floors leave room for other CPUs' rounding.
@@ -28,14 +29,16 @@ def client(app):
 
 
 def _image(item) -> torch.Tensor:
-    """A gallery item (a dict or a (path, caption) pair from gradio_client) -> (3, 32, 32) in [0, 1]."""
+    """A gallery item (a dict or a (path, caption) pair from gradio_client) -> (3, S, S) in [0, 1], S the side the
+    generator draws (shown zoomed to 128 px, nearest neighbour)."""
     path = item["image"] if isinstance(item, dict) else item[0]
     if isinstance(path, dict):
         path = path.get("path") or path.get("url")
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))
-    assert arr.shape == (128, 128, 3), arr.shape                       # 32 px shown 4x (nearest)
-    return torch.from_numpy(arr[::4, ::4].copy()).permute(2, 0, 1).float() / 255.0
+    assert arr.shape == (128, 128, 3), arr.shape                       # 64 px shown 2x (nearest)
+    zoom = 128 // t2i_models()[0].image_size
+    return torch.from_numpy(arr[::zoom, ::zoom].copy()).permute(2, 0, 1).float() / 255.0
 
 
 def test_generate_returns_faithful_images(client):
@@ -154,6 +157,7 @@ def test_settings_are_checked_before_any_sample_is_drawn():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     app = mod.T2IApp.__new__(mod.T2IApp)                        # only the checks: no models loaded
+    app.entry = t2i_models()[0]                                 # (an entry loads its models lazily)
     assert app.check_settings(8, 1.0, 4, 2**63 - 1) == dict(n_samples=4, top_k=8, temperature=1.0, seed=2**63 - 1)
     assert app.check_settings(0, 1, 1.0, 0.0)["top_k"] is None
     for args, message in (((8, 1.0, 4, 10**30), "seed must be a whole number from 0 to 9223372036854775807"),

@@ -56,7 +56,7 @@ def test_encode_decode_shapes_and_ranges():
 
 def test_preset_and_config_round_trip():
     cfg = mmkit.load_config("vqgan-world-tiny")
-    assert (cfg.resolution, cfg.grid_size, cfg.n_embed) == (32, 8, 256)
+    assert (cfg.resolution, cfg.grid_size, cfg.n_embed, cfg.object_weight) == (32, 8, 256, 1.0)
     assert config_from_dict(config_to_dict(cfg)) == cfg
     m = mmkit.build_model("vqgan-world-tiny", device="meta")
     keys = set(m.state_dict())
@@ -111,6 +111,26 @@ def test_hinge_generator_and_adaptive_weight_by_hand():
     assert not lam.requires_grad
     flat = (0 * w).sum()                                                           # no GAN gradient: clamp at 1e4
     assert adaptive_weight(rec, flat, w).item() == pytest.approx(1e4)
+
+
+def test_object_weight_weighs_coloured_pixels_by_hand():
+    from mmkit.vqgan.model import object_mask
+
+    img = torch.tensor([[[0.9, 0.9], [0.9, 0.5]], [[0.9, 0.1], [0.9, 0.5]], [[0.9, 0.1], [0.7, 0.3]]])[None]
+    # chroma = max - min per pixel: 0 (grey), 0.8 (red), 0.2 (faint tint), 0.2 -> only the red pixel is an object
+    assert object_mask(img).tolist() == [[[[0.0, 1.0], [0.0, 0.0]]]]
+    x = _images(2)
+    x[:, :, 8:16, 8:16] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]              # a red square on noise
+    plain, weighted = _model(disc_start=10_000).eval(), _model(disc_start=10_000, object_weight=3.0).eval()
+    weighted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = plain(x), weighted(x)
+    assert torch.equal(a.reconstruction, b.reconstruction)
+    err = (x * 2 - 1) - (a.reconstruction * 2 - 1)                                   # taming's [-1, 1] scale
+    extra = 2.0 * (object_mask(x) * (err.abs() + err ** 2)).mean()                   # (3 - 1) x object pixels
+    assert float(b.loss - a.loss) == pytest.approx(float(extra), rel=1e-4)
+    with pytest.raises(ValueError, match="object_weight must be >= 1"):
+        VQGANConfig(**{**TINY, "object_weight": 0.5})
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -427,3 +447,26 @@ def test_fast_recipe_ships_a_small_checkpoint_that_the_hub_loads(tmp_path):
     assert isinstance(m, VQGAN) and m.config == replace_config(mmkit.load_config("vqgan-world-tiny"), disc_start=120)
     x = _images(2)
     assert m.decode(m.encode(x)).shape == (2, 3, 32, 32)
+
+
+def test_shipped_tokenizer_reconstructions_are_read_right():
+    """What the shipped vqgan-world keeps is what the pixel check reads back from decode(encode(x)) of held-out test
+    scenes, against the blind baseline of another scene's real image. This is text-to-image's ceiling. Issue 12 asks
+    0.95; at 32 px even the real renders are read right only ~0.95 of the time (notebook 06, section 6), and this
+    tokenizer's 4x4-pixel codes lose the shape of small objects."""
+    from mmkit.data.scenes import render_uint8, sample_scenes
+    from mmkit.evaluation.faithfulness import faithfulness_score, wanted_from_scene
+    from mmkit.vqgan.training import reconstruction_read_right
+
+    vq = mmkit.load("vqgan-world")
+    S = vq.config.resolution
+    # measured on these scenes: one object 0.562 (shape 0.638), two objects 0.362; the same recipe at 64 px, 16x16 codes
+    # and object_weight=2.0 gave 0.856 / 0.806 (not shipped: its code LM was no more faithful, see vqgan-world-tiny)
+    for n_objects, floor in ((1, 0.50), (2, 0.30)):
+        scenes = sample_scenes("test", 160, start=5000, min_objects=n_objects, max_objects=n_objects)
+        got = reconstruction_read_right(vq, scenes)
+        real = torch.stack([render_uint8(s, S) for s in scenes]).float() / 255
+        blind = faithfulness_score(real.roll(1, 0), [wanted_from_scene(s) for s in scenes])
+        print(n_objects, "object(s): reconstruction", got, "blind", blind["all_right"])
+        assert got["all_right"] >= floor and got["all_right"] >= blind["all_right"] + 0.3, (got, blind)
+        assert got["colour"] >= 0.85 and got["position"] >= 0.9, got

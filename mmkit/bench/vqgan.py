@@ -6,7 +6,7 @@
 Random weights (speed does not depend on them) and random images at the config's resolution. Encode and decode
 are timed in alternation at each batch size (median of ``--repeats`` calls each, after warm-up), so that noise
 from other processes on the shared cores hits both alike; the table shows images/s and ms per call. No asserts:
-a benchmark only measures. What it means for text-to-image: decoding N samples of 8x8 codes costs one decode
+a benchmark only measures. What it means for text-to-image: decoding N samples' codes costs one decode
 call of batch N; encoding the training set for the code LM is a one-off pass.
 """
 from __future__ import annotations

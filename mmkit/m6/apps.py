@@ -7,6 +7,8 @@ from typing import Iterator, NamedTuple
 import torch
 
 import mmkit.hub as hub
+import mmkit.vqgan  # noqa: F401  (registers the vqgan-world-tiny preset read below)
+from mmkit.config import load_config
 from mmkit.m6.tasks.t2i import SamplingConfig, iter_samples, itm_scorer
 from mmkit.m6.tasks.vqa import answer, answer_heatmap
 from mmkit.registry import T2IModelEntry, VQAModelEntry, register_t2i_model, register_vqa_model
@@ -61,6 +63,9 @@ def t2i_score(b: T2IBundle, images: torch.Tensor, prompt: str) -> torch.Tensor:
     return itm_scorer(b.itm, b.tok)(images, [prompt] * len(images))
 
 
+_TOKENIZER = load_config("vqgan-world-tiny")        # the shipped vqgan-world's config (a preset, no weights loaded)
 register_t2i_model(T2IModelEntry(
     name="M6-tiny text-to-image", description="M6 tiny code LM on VQGAN codes (M6 §4.1), reranked by M6's ITM",
-    load=load_t2i, samples=t2i_samples, score=t2i_score, can_score=lambda b: b.itm is not None, checkpoints=("m6-tiny-t2i", "vqgan-world")))
+    load=load_t2i, samples=t2i_samples, score=t2i_score, can_score=lambda b: b.itm is not None,
+    checkpoints=("m6-tiny-t2i", "vqgan-world"), image_size=_TOKENIZER.resolution, n_codes=_TOKENIZER.n_embed,
+    code_grid=_TOKENIZER.grid_size))

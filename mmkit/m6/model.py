@@ -719,7 +719,7 @@ class M6T2IConfig(M6Config):
     vocab_size: int = 768          # joint vocabulary: the pretrained M6's 512 word ids + n_codes image codes
     code_offset: int = 512         # id of <code_0>: codes come right after the pretrained word vocabulary
     n_codes: int = 256             # VQGAN codebook size (vqgan-world: 256)
-    code_grid: int = 8             # codes per image side: an image is code_grid**2 = 64 codes in raster order
+    code_grid: int = 8             # codes per image side: an image is code_grid**2 codes in raster order
     max_prompt_tokens: int = 48    # prompts are cut to this many word tokens (the longest world prompt: ~30)
 
     def __post_init__(self) -> None:
@@ -729,8 +729,8 @@ class M6T2IConfig(M6Config):
                              f"{self.code_offset} + {self.n_codes} (word ids, then one id per image code)")
         if max(self.pad_token_id, self.bos_token_id, self.eos_token_id) >= self.code_offset:
             raise ValueError("special token ids must be word ids (< code_offset)")
-        if self.code_grid ** 2 + 1 > self.max_text_len:
-            raise ValueError(f"{self.code_grid ** 2} codes + [BOS] do not fit max_text_len={self.max_text_len}")
+        if self.code_grid ** 2 > self.max_text_len:     # decoder inputs: [BOS] + all codes but the last
+            raise ValueError(f"{self.code_grid ** 2} code positions do not fit max_text_len={self.max_text_len}")
 
     @property
     def n_image_codes(self) -> int:

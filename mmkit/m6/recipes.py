@@ -24,8 +24,8 @@ from mmkit.config import build_model, load_config
 from mmkit.m6.model import M6Model
 from mmkit.m6.tasks.itm import ITM_TRAIN, ITM_TRAIN_FAST, finetune_itm, itm_model_from_pretrained
 from mmkit.m6.tasks.pretrain import pretrain, recipe_configs
-from mmkit.m6.tasks.t2i import (HELDOUT_PAIRS, RECIPE_TRAIN as T2I_TRAIN, RECIPE_TRAIN_FAST as T2I_TRAIN_FAST,
-                                SamplingConfig, T2IDataConfig, eval_prompts, evaluate_t2i, finetune_t2i)
+from mmkit.m6.tasks.t2i import (EVAL_KINDS, HELDOUT_PAIRS, RECIPE_TRAIN as T2I_TRAIN,
+                                RECIPE_TRAIN_FAST as T2I_TRAIN_FAST, SamplingConfig, T2IDataConfig, eval_prompts, evaluate_t2i, finetune_t2i)
 from mmkit.m6.tasks.vqa import (VQA_RELATION_FOCUS, VQA_RELATION_TRAIN, VQA_RELATION_TRAIN_FAST, VQA_TRAIN,
                                 VQA_TRAIN_FAST, VQAConfig, evaluate_vqa, finetune_vqa, vqa_bank,
                                 zero_shot_answers)
@@ -147,10 +147,12 @@ def train_m6_tiny_t2i(out_dir: Path, fast: bool) -> dict:
     metrics = {"val_code_loss_before": _r4(run.before["code_loss"]), "val_code_acc_before":
                _r4(run.before["code_acc"]), "val_code_loss": _r4(run.after["code_loss"]),
                "val_code_acc": _r4(run.after["code_acc"])}
+    cpu_train = time.process_time() - cpu0
     sampling = SamplingConfig(n_samples=1)
-    for kind in ("heldout", "unseen_pairs"):
+    for kind in EVAL_KINDS:
         ev = evaluate_t2i(run.model, vqgan, tok, eval_prompts(n_eval, kind), sampling)
         metrics.update({f"{kind}_{k}": _r4(v) for k, v in ev.items() if k.startswith("first_")})
+        metrics[f"{kind}_seconds_per_image"] = _r4(ev["seconds_per_image"])
     save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
                     history=[{k: _r4(v) if isinstance(v, float) else v for k, v in h.items()}
                              for h in run.result.history[::10]],
@@ -158,6 +160,6 @@ def train_m6_tiny_t2i(out_dir: Path, fast: bool) -> dict:
     metrics.update(steps=run.result.step, first_loss=_r4(run.result.history[0]["loss"]),
                    last_loss=_r4(run.result.history[-1]["loss"]), train_seconds=round(run.result.seconds, 1),
                    wall_seconds=round(time.perf_counter() - t0, 1),
-                   cpu_seconds=round(time.process_time() - cpu0, 1), torch_threads=torch.get_num_threads(),
+                   cpu_seconds=round(cpu_train, 1), torch_threads=torch.get_num_threads(),
                    train_scenes=len(run.data), heldout_pairs=[list(p) for p in HELDOUT_PAIRS])
     return metrics

@@ -4,7 +4,7 @@
     vqgan = mmkit.load("vqgan-world")                       # stage one: 32 px image <-> 8x8 codes of 256
     tok = world_tokenizer()
     out = text_to_image(model, vqgan, tok, ["a small red circle at the top left"], SamplingConfig(n_samples=4))
-    out.images                                              # (B, N, 3, 32, 32) in [0, 1]
+    out.images                                              # (B, N, 3, S, S) in [0, 1]
     ranked = rerank(out.images, prompts, scorer=itm_scorer(mmkit.load("m6-tiny-itm"), tok))
     faithfulness_score(out.images[:, 0], prompts)           # mmkit.evaluation.faithfulness: pixels vs the prompt
 
@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import LogitsProcessor
 
 from mmkit.data.scenes import SceneBank, sample_scenes
@@ -64,7 +65,7 @@ from mmkit.train import TrainConfig, evaluating, train
 __all__ = [
     "CodeOnlyProcessor", "SamplingConfig", "T2IData", "T2IDataConfig", "t2i_loss",
     "encode_prompts", "generate_codes", "iter_samples", "text_to_image", "T2IOutput", "Ranked", "rerank",
-    "itm_scorer", "Scorer", "eval_prompts", "EvalPrompts", "evaluate_t2i", "code_loss", "HELDOUT_PAIRS",
+    "itm_scorer", "Scorer", "eval_prompts", "EVAL_KINDS", "EvalPrompts", "evaluate_t2i", "code_loss", "HELDOUT_PAIRS",
     "RECIPE_TRAIN", "RECIPE_TRAIN_FAST", "finetune_t2i", "T2IRun", "MAX_SEED", "MAX_SAMPLES",
 ]
 
@@ -102,11 +103,13 @@ class CodeOnlyProcessor(LogitsProcessor):
 @dataclass
 class T2IDataConfig:
     split: str = "train"           # world split the scenes come from
-    n_scenes: int = 6000           # scenes kept (after leaving out held-out pairs); their 32 px images are
+    n_scenes: int = 6000           # scenes kept (after leaving out held-out pairs); their images are
                                    # encoded once by the VQGAN (~1 s per 1000 on 2 cores)
     min_objects: int = 1           # objects per scene. One object: every prompt fully describes its image
     max_objects: int = 1           # (size, colour, shape, position), so faithfulness is checkable and the
-                                   # tiny code LM learns it in minutes
+                                   # tiny code LM learns it in minutes. max_objects=2 adds prompts like "a red
+                                   # circle at the top left and a small blue square at the bottom" (the prompts name
+                                   # every object too)
     langs: tuple = ("en", "zh")    # every scene is paired with prompts in both languages ...
     styles: tuple = ("full", "full_alt")   # ... and both phrasings that name all four attributes
     exclude_pairs: tuple = HELDOUT_PAIRS   # (colour, shape) pairs left out of training
@@ -135,11 +138,11 @@ class T2IData:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vqgan, tokenizer, config: T2IDataConfig = T2IDataConfig(), max_prompt_tokens: int = 48,
-              image_size: int = 32) -> "T2IData":
+    def build(cls, vqgan, tokenizer, config: T2IDataConfig = T2IDataConfig(), max_prompt_tokens: int = 48) -> "T2IData":
         c = config
-        bank = SceneBank.build(c.split, c.n_scenes, image_size=image_size, start=c.start, min_objects=c.min_objects,
-                               max_objects=c.max_objects, keep=lambda scene: scene_ok(scene, c))
+        bank = SceneBank.build(c.split, c.n_scenes, image_size=vqgan.config.resolution, start=c.start,
+                               min_objects=c.min_objects, max_objects=c.max_objects,
+                               keep=lambda scene: scene_ok(scene, c))
         scenes, images = bank.scenes, bank.images_u8                                    # (N, 3, S, S) uint8
         prompts = [[caption(s, st, lang) for lang in c.langs for st in c.styles] for s in scenes]
         flat = [p for ps in prompts for p in ps]
@@ -148,7 +151,7 @@ class T2IData:
         prompt_ids = [[torch.tensor(x[:max_prompt_tokens], dtype=torch.long) for x in ids[i * k:(i + 1) * k]]
                       for i in range(len(scenes))]
         codes = [vqgan.encode(images[i:i + 256].float() / 255.0).flatten(1) for i in range(0, len(images), 256)]
-        codes = torch.cat(codes) if codes else torch.zeros(0, 64, dtype=torch.long)  # (N, 64)
+        codes = torch.cat(codes) if codes else torch.zeros(0, vqgan.config.grid_size ** 2, dtype=torch.long)  # (N, h*w)
         return cls(c, scenes, prompts, prompt_ids, codes, images)
 
     def __len__(self) -> int:
@@ -266,7 +269,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int = 48, pad_
 @torch.no_grad()
 def generate_codes(model: M6T2I, encoder_ids: torch.Tensor, sampling: SamplingConfig = SamplingConfig(),
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample one image's codes per row of ``encoder_ids`` (B, We) -> (B, 8, 8) VQGAN code indices.
+    """Sample one image's codes per row of ``encoder_ids`` (B, We) -> (B, g, g) VQGAN code indices.
 
     M6's own KV-cache loop (``M6Model.generate``) with top-k / top-p / temperature and the vocabulary
     restricted to codes (:class:`CodeOnlyProcessor`); exactly ``code_grid**2`` steps.
@@ -276,12 +279,12 @@ def generate_codes(model: M6T2I, encoder_ids: torch.Tensor, sampling: SamplingCo
     gen = model.generate(None, encoder_ids, model.config.n_image_codes, do_sample=True, temperature=s.temperature,
                          top_k=s.top_k, top_p=s.top_p, generator=g, use_cache=s.use_cache,
                          logits_processor=CodeOnlyProcessor.for_model(model))
-    return model.ids_to_codes(gen.sequences)                                          # (B, 8, 8)
+    return model.ids_to_codes(gen.sequences)                                          # (B, g, g)
 
 
 def iter_samples(model: M6T2I, vqgan, tokenizer, prompts: Sequence[str],
                  sampling: SamplingConfig = SamplingConfig()) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(k, codes (B, 8, 8), images (B, 3, 32, 32))`` for sample k = 0 .. N-1 of every prompt, as each
+    """Yield ``(k, codes (B, g, g), images (B, 3, S, S))`` for sample k = 0 .. N-1 of every prompt, as each
     round finishes (an app shows images while the rest are still being drawn). One generator seeded by
     ``sampling.seed`` draws all rounds, so the whole run is reproducible."""
     enc = encode_prompts(tokenizer, prompts, model.config.max_prompt_tokens, model.config.pad_token_id)
@@ -292,8 +295,8 @@ def iter_samples(model: M6T2I, vqgan, tokenizer, prompts: Sequence[str],
 
 
 class T2IOutput(NamedTuple):
-    images: torch.Tensor          # (B, N, 3, 32, 32) in [0, 1]: N samples per prompt
-    codes: torch.Tensor           # (B, N, 8, 8) VQGAN code indices
+    images: torch.Tensor          # (B, N, 3, S, S) in [0, 1]: N samples per prompt
+    codes: torch.Tensor           # (B, N, g, g) VQGAN code indices
     seconds: float                # wall-clock time of sampling + decoding
 
 
@@ -304,8 +307,8 @@ def text_to_image(model: M6T2I, vqgan, tokenizer, prompts: Sequence[str],
     enc = encode_prompts(tokenizer, prompts, model.config.max_prompt_tokens, model.config.pad_token_id)
     B, N = enc.shape[0], sampling.n_samples
     g = torch.Generator().manual_seed(sampling.seed)
-    codes = generate_codes(model, enc.repeat_interleave(N, 0), sampling, g)             # (B*N, 8, 8)
-    images = vqgan.decode(codes)                                                          # (B*N, 3, 32, 32)
+    codes = generate_codes(model, enc.repeat_interleave(N, 0), sampling, g)             # (B*N, g, g)
+    images = vqgan.decode(codes)                                                          # (B*N, 3, S, S)
     return T2IOutput(images.view(B, N, *images.shape[1:]), codes.view(B, N, *codes.shape[1:]),
                      time.perf_counter() - t0)
 
@@ -340,8 +343,13 @@ def rerank(images: torch.Tensor, prompts: Sequence[str], scorer: Scorer) -> Rank
 
 
 def itm_scorer(itm_model, tokenizer) -> Scorer:
-    """M6's image-text matching probability (M6 §4.6; :func:`mmkit.m6.tasks.itm.itm_scores`) as a rerank scorer."""
+    """M6's image-text matching probability (M6 §4.6; :func:`mmkit.m6.tasks.itm.itm_scores`) as a rerank scorer.
+    Images are area-resized to the side the matching model reads (the generator may draw larger ones)."""
+    side = itm_model.config.image_size
+
     def score(images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        if images.shape[-1] != side:
+            images = F.interpolate(images, size=(side, side), mode="area")
         return itm_scores(itm_model, images, list(texts), tokenizer)
     return score
 
@@ -356,13 +364,19 @@ class EvalPrompts(NamedTuple):
     kind: str                     # "heldout" (test split, seen pairs) or "unseen_pairs" (HELDOUT_PAIRS only)
 
 
+EVAL_KINDS: tuple[str, ...] = ("heldout", "unseen_pairs", "two_objects")
+
+
 def eval_prompts(n: int = 64, kind: str = "heldout", split: str = "test", start: int = 0) -> EvalPrompts:
-    """``n`` one-object prompts from the ``split`` (never trained on): ``kind="heldout"`` takes scenes of seen
-    colour + shape pairs, ``"unseen_pairs"`` only scenes of :data:`HELDOUT_PAIRS`."""
-    if kind not in ("heldout", "unseen_pairs"):
-        raise ValueError(f"kind must be 'heldout' or 'unseen_pairs', got {kind!r}")
-    cfg = T2IDataConfig(exclude_pairs=HELDOUT_PAIRS if kind == "heldout" else (),
-                        only_pairs=HELDOUT_PAIRS if kind == "unseen_pairs" else ())
+    """``n`` prompts from the ``split`` (never trained on): ``kind="heldout"`` takes one-object scenes of seen colour
+    + shape pairs, ``"unseen_pairs"`` one-object scenes of :data:`HELDOUT_PAIRS` only, ``"two_objects"`` scenes of
+    two objects of seen pairs ("a red circle at the top left and a small blue square at the bottom")."""
+    if kind not in EVAL_KINDS:
+        raise ValueError(f"kind must be one of {EVAL_KINDS}, got {kind!r}")
+    two = kind == "two_objects"
+    cfg = T2IDataConfig(exclude_pairs=HELDOUT_PAIRS if kind != "unseen_pairs" else (),
+                        only_pairs=HELDOUT_PAIRS if kind == "unseen_pairs" else (),
+                        min_objects=2 if two else 1, max_objects=2 if two else 1)
     scenes = sample_scenes(split, n, start=start, min_objects=cfg.min_objects, max_objects=cfg.max_objects,
                            keep=lambda scene: scene_ok(scene, cfg))
     prompts = [caption(s, ("full", "full_alt")[(i // 2) % 2], ("en", "zh")[i % 2]) for i, s in enumerate(scenes)]
