@@ -25,7 +25,8 @@ from mmkit.m6.model import M6Model
 from mmkit.m6.tasks.itm import ITM_TRAIN, ITM_TRAIN_FAST, finetune_itm, itm_model_from_pretrained
 from mmkit.m6.tasks.pretrain import pretrain, recipe_configs
 from mmkit.m6.tasks.t2i import (EVAL_KINDS, HELDOUT_PAIRS, RECIPE_TRAIN as T2I_TRAIN,
-                                RECIPE_TRAIN_FAST as T2I_TRAIN_FAST, SamplingConfig, T2IDataConfig, eval_prompts, evaluate_t2i, finetune_t2i)
+                                RECIPE_TRAIN_FAST as T2I_TRAIN_FAST, SamplingConfig, T2IDataConfig, eval_prompts,
+                                evaluate_t2i, finetune_t2i)
 from mmkit.m6.tasks.vqa import (VQA_RELATION_FOCUS, VQA_RELATION_TRAIN, VQA_RELATION_TRAIN_FAST, VQA_TRAIN,
                                 VQA_TRAIN_FAST, VQAConfig, evaluate_vqa, finetune_vqa, vqa_bank,
                                 zero_shot_answers)

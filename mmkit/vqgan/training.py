@@ -29,8 +29,7 @@ from mmkit.train import TrainConfig, evaluating, local_clip_fn, train
 from mmkit.vqgan.model import VQGAN, codebook_usage
 
 __all__ = ["is_discriminator_param", "vqgan_loss_fn", "evaluate_reconstruction", "reconstruction_read_right",
-           "world_images",
-           "train_vqgan_world"]
+           "world_images", "train_vqgan_world"]
 
 
 def is_discriminator_param(name: str, param: nn.Parameter | None = None) -> bool:
@@ -113,9 +112,10 @@ def world_images(split: str, n: int, size: int, scenes: bool = False):
 @recipe("vqgan-world", "VQGAN image tokenizer (32 px -> 8x8 codes of 256) trained on the Shapes World (M6 §4.1)",
         config="vqgan-world-tiny")
 def train_vqgan_world(out_dir: Path, fast: bool) -> dict:
-    """1500 steps of 16 images (fast: 150 of 8), L1 + L2 (object pixels weighted by the config) + VQ losses with aimed codebook
-    restarts, the GAN terms from step 1100 (fast: 120). Reports reconstruction error on held-out val scenes, codebook
-    use, and how often the pixel check reads the reconstructions of held-out one- and two-object scenes right."""
+    """1500 steps of 16 images (fast: 150 of 8), L1 + L2 (object pixels weighted by the config) + VQ losses with
+    aimed codebook restarts, the GAN terms from step 1100 (fast: 120). Reports reconstruction error on held-out val
+    scenes, codebook use, and how often the pixel check reads the reconstructions of held-out one- and two-object
+    scenes right."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     cfg = load_config("vqgan-world-tiny")
     if fast:
