@@ -163,7 +163,7 @@ def _verdict(check) -> str:
 def build_demo(app: T2IApp) -> gr.Blocks:
     with gr.Blocks(title="mmkit · text-to-image (M6 §4.1)") as demo:
         side, grid = app.entry.image_size, app.entry.code_grid
-        gr.Markdown("## Text-to-image as M6 does it\nA prompt in English or Chinese (one or two objects) → the code "
+        gr.Markdown("## Text-to-image as M6 does it\nA prompt in English or Chinese → the code "
                     f"LM (pretrained M6 with image-code embeddings) samples {grid}×{grid} VQGAN codes → the VQGAN "
                     f"decoder paints {side} px. Samples appear as they finish; the rerank switch orders them by M6's "
                     "image-text matching.")

@@ -6,9 +6,9 @@ with and without the KV cache, and the VQGAN's images/s.
     mmkit bench t2i --threads 1 --batch 1 8 --repeats 5
 
 One image = code_grid² codes sampled by the code LM (8×8 = 64 for the shipped one; top-k 32) + one VQGAN decode.
-With the KV cache each new code runs only itself through the stack (M6Model.generate); without it the whole [prompt | codes so far] sequence is
-recomputed at every step, so the cost grows with the square of the number of codes. Both are timed in alternation at
-each batch size (median of ``--repeats``) so background load hits both alike; the ratio is what to read. The
+With the KV cache each new code runs only itself through the stack (M6Model.generate); without it the whole
+[prompt | codes so far] sequence is recomputed at every step, so the cost grows with the square of the number of
+codes. Both are timed in alternation at each batch size (median of ``--repeats``) so background load hits both alike; the ratio is what to read. The
 shipped checkpoints are used when present (speed does not depend on the weights). The VQGAN's encode / decode
 throughput is measured by ``mmkit bench vqgan`` (called at the end). Faithfulness is the model-free pixel check of
 :mod:`mmkit.evaluation.faithfulness` on the first sample of held-out prompts (seen colour + shape pairs, and the

@@ -34,7 +34,7 @@ from mmkit.bench import nonnegative_int, positive_int
 from mmkit.launch import running_app
 from mmkit.data.preprocess import preprocess_image
 from mmkit.data.scenes import SceneBank
-from mmkit.data.vqa import eval_questions
+from mmkit.data.vqa import eval_questions, question_language
 from mmkit.evaluation.vqa import prior_eval, score_answers, world_answer_prior
 from mmkit.data.world import make_scene, render
 from mmkit.zoo import vqa_models
@@ -96,11 +96,12 @@ def accuracy(n_scenes: int) -> list[dict]:
             records = []
             for i, qa in eval_questions(bank.scenes):
                 got = entry.answer(model, bank.image(i, aug), qa.question)
-                records.append((qa.question, qa.answer, got.answer, qa.qtype, ("en", "zh")[i % 2]))
+                records.append((qa.question, qa.answer, got.answer, qa.qtype, question_language(qa.question)))
             ev = score_answers(records)
             row.update({view: ev.accuracy, f"{view}_min_type": min(ev.per_type.items(), key=lambda kv: kv[1]),
                         f"{view}_ms_per_answer": (time.perf_counter() - t0) * 1000 / len(records)})
-            row["blind"], row["n_questions"] = prior_eval(prior, ev).accuracy, ev.n_questions
+        # both views ask the same questions: one blind baseline
+        row["blind"], row["n_questions"] = prior_eval(prior, ev).accuracy, ev.n_questions
         rows.append(row)
         lo, lo_aug = row["test_min_type"], row["augmented_min_type"]
         print(f"{entry.name:<14} held-out {row['test']:.3f} (lowest type {lo[0]} {lo[1]:.2f})   augmented views "

@@ -38,7 +38,7 @@ from mmkit.data.world import (BASE_RGB, COLOURS, COLOURS_ZH, POSITIONS, POSITION
                               SIZE_RADIUS, SIZES, SIZES_ZH)
 
 __all__ = ["Wanted", "Detected", "Faithfulness", "FaithfulnessConfig", "parse_prompt", "detect_objects",
-           "faithfulness", "faithfulness_score", "wanted_from_scene", "ATTRIBUTES"]
+           "faithfulness", "faithfulness_score", "wanted_from_scene", "pixel_chroma", "ATTRIBUTES"]
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position")
 
@@ -171,6 +171,12 @@ def _components(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
     return comps
 
 
+def pixel_chroma(images: torch.Tensor) -> torch.Tensor:
+    """Chroma of every pixel, max - min of R, G, B: (..., 3, H, W) in [0, 1] -> (..., H, W). Above
+    ``FaithfulnessConfig.chroma_threshold`` a pixel belongs to an object; the background and shadows are grey."""
+    return images.amax(-3) - images.amin(-3)
+
+
 def detect_objects(image: torch.Tensor, config: FaithfulnessConfig = FaithfulnessConfig()) -> list[Detected]:
     """The objects in one image (3, H, W) in [0, 1]: colour, shape, size, position read off the pixels (see module
     doc), largest first."""
@@ -178,7 +184,7 @@ def detect_objects(image: torch.Tensor, config: FaithfulnessConfig = Faithfulnes
         raise ValueError(f"detect_objects expects one RGB image (3, H, W) in [0, 1], got {tuple(image.shape)}")
     img = image.detach().float().cpu().clamp(0, 1)
     H, W = img.shape[1:]
-    chroma = img.max(0).values - img.min(0).values                                  # (H, W)
+    chroma = pixel_chroma(img)                                                      # (H, W)
     out = []
     for comp in _components(chroma > config.chroma_threshold):
         if len(comp) < config.min_pixels:

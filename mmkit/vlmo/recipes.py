@@ -14,8 +14,8 @@ reranking, is stage 3's).
 
 Each model recipe writes ``model.safetensors`` + ``config.json`` (+ ``trainer_state.json``) into the folder it is
 given and returns the metrics it measured, which :func:`mmkit.hub.run_recipe` stores in ``recipe.json``. Weights are
-stored in float16 (``save_checkpoint(..., weights_dtype=torch.float16)``, ~3.5 MB a model): the kit ships ``vlmo-tiny-retrieval`` and ``vlmo-tiny-vqa``
-(VLMo's budget is 10 MB); stage 1 / 2 / 3, NLVR2 and image-only checkpoints are made on demand into the cache. The
+stored in float16 (``save_checkpoint(..., weights_dtype=torch.float16)``, ~3.5 MB a model): the kit ships
+``vlmo-tiny-retrieval`` and ``vlmo-tiny-vqa`` (VLMo's budget is 10 MB); stage 1 / 2 / 3, NLVR2 and image-only checkpoints are made on demand into the cache. The
 VQA recipe measures what rounding to float16 does to its accuracy (``fp16_test_acc``). Every recipe measures its CPU
 time with ``time.process_time()`` (``cpu_seconds``: this process, one torch thread) beside its wall-clock seconds.
 """
@@ -234,7 +234,7 @@ def train_vqa(out_dir: Path, fast: bool) -> dict:
     aug = V.evaluate_vqa(run.model, "test", n_eval, augmented=True)
     prior = world_answer_prior()
     blind, blind_aug = prior_eval(prior, ev), prior_eval(prior, aug)
-    half = V.evaluate_vqa(rounded_to_half(run.model), "test", n_eval)           # what the float16 file answers
+    half = V.evaluate_vqa(rounded_to_half(run.model), "test", n_eval)        # what the float16 file answers
     hist = run.result.history
     _save(out_dir, run.model, run.result, tcfg, {"vqa_config": asdict(cfg)})
     return {"test_acc": _r4(ev.accuracy), "test_n_questions": ev.n_questions,

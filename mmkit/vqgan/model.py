@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from mmkit.registry import register_model, register_preset
 from mmkit.config import load_config
+from mmkit.evaluation.faithfulness import FaithfulnessConfig, pixel_chroma
 
 __all__ = [
     "VQGANConfig", "VQGAN", "VQGANOutput", "CodebookStats", "codebook_usage", "hinge_d_loss", "vanilla_d_loss",
@@ -104,7 +105,7 @@ class VQGANConfig:
                                    # codes on faint background shades (90% of the pixels) and mixes up object
                                    # colours; L2 weighs the few large colour errors more: measured after 800
                                    # steps, val MSE 0.0062 -> 0.0022, object colours right 29% -> 57%
-    object_weight: float = 1.0     # weight of object pixels (chroma max-min RGB > 0.25 in the target) in the L1 / L2
+    object_weight: float = 1.0     # weight of object pixels (object_mask of the target) in the L1 / L2
                                    # terms; background weighs 1. World objects cover ~10% of the pixels, so their
                                    # colours and shapes barely move an unweighted loss (taming: none)
     codebook_weight: float = 1.0   # weight of the codebook + beta * commitment term (taming's codebook_weight)
@@ -171,10 +172,10 @@ class VQGANConfig:
 # Loss pieces (hand-checkable functions) and codebook statistics
 # ---------------------------------------------------------------------------------------------------------
 
-def object_mask(images: torch.Tensor, chroma: float = 0.25) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) float: 1 where a pixel is coloured (max - min of RGB > ``chroma``: a
-    world object; the background and shadows are grey), the pixels ``object_weight`` weighs up."""
-    return ((images.amax(1, keepdim=True) - images.amin(1, keepdim=True)) > chroma).float()
+def object_mask(images: torch.Tensor, chroma: float = FaithfulnessConfig().chroma_threshold) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) float: 1 on the pixels the faithfulness check counts as an object
+    (:func:`mmkit.evaluation.faithfulness.pixel_chroma` above its threshold), the pixels ``object_weight`` weighs up."""
+    return (pixel_chroma(images) > chroma).unsqueeze(1).float()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

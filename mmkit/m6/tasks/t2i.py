@@ -65,8 +65,8 @@ from mmkit.train import TrainConfig, evaluating, train
 __all__ = [
     "CodeOnlyProcessor", "SamplingConfig", "T2IData", "T2IDataConfig", "t2i_loss",
     "encode_prompts", "generate_codes", "iter_samples", "text_to_image", "T2IOutput", "Ranked", "rerank",
-    "itm_scorer", "Scorer", "eval_prompts", "EVAL_KINDS", "EvalPrompts", "evaluate_t2i", "code_loss", "HELDOUT_PAIRS",
-    "RECIPE_TRAIN", "RECIPE_TRAIN_FAST", "finetune_t2i", "T2IRun", "MAX_SEED", "MAX_SAMPLES",
+    "itm_scorer", "Scorer", "eval_prompts", "EVAL_KINDS", "EvalPrompts", "evaluate_t2i", "code_loss",
+    "HELDOUT_PAIRS", "RECIPE_TRAIN", "RECIPE_TRAIN_FAST", "finetune_t2i", "T2IRun", "MAX_SEED", "MAX_SAMPLES",
 ]
 
 # M6 §4.1 Figure 6 in miniature: colour + shape pairs the code LM never sees in training (each colour and each
@@ -138,7 +138,8 @@ class T2IData:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vqgan, tokenizer, config: T2IDataConfig = T2IDataConfig(), max_prompt_tokens: int = 48) -> "T2IData":
+    def build(cls, vqgan, tokenizer, config: T2IDataConfig = T2IDataConfig(),
+              max_prompt_tokens: int = 48) -> "T2IData":
         c = config
         bank = SceneBank.build(c.split, c.n_scenes, image_size=vqgan.config.resolution, start=c.start,
                                min_objects=c.min_objects, max_objects=c.max_objects,
@@ -151,7 +152,7 @@ class T2IData:
         prompt_ids = [[torch.tensor(x[:max_prompt_tokens], dtype=torch.long) for x in ids[i * k:(i + 1) * k]]
                       for i in range(len(scenes))]
         codes = [vqgan.encode(images[i:i + 256].float() / 255.0).flatten(1) for i in range(0, len(images), 256)]
-        codes = torch.cat(codes) if codes else torch.zeros(0, vqgan.config.grid_size ** 2, dtype=torch.long)  # (N, h*w)
+        codes = torch.cat(codes) if codes else torch.zeros(0, vqgan.config.grid_size ** 2, dtype=torch.long)
         return cls(c, scenes, prompts, prompt_ids, codes, images)
 
     def __len__(self) -> int:
