@@ -375,3 +375,23 @@ def test_vqa_sampler_focus_asks_one_type_more_often():
         VQASampler(bank, focus_qtype="relations")
     with pytest.raises(ValueError, match="focus_share"):
         VQASampler(bank, focus_qtype="relation", focus_share=1.5)
+
+
+def test_cell_data_mixes_drawn_views_by_share_and_keeps_each_label_with_its_scene():
+    """mmkit.data.scenes.CellData: aug_fraction of a batch comes from the bank's drawn views (the last rows), and every
+    row's labels are object_labels of the scene it shows."""
+    from mmkit.data.scenes import CellData, SceneBank
+    from mmkit.data.world import object_labels
+    bank = SceneBank.build("train", 12, image_size=16, n_augmented=6)
+    data = CellData(bank, aug_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+    batch = data.batch_fn(g, 8)
+    g = torch.Generator().manual_seed(0)                          # the same draws, by hand
+    clean = torch.randint(12, (4,), generator=g).tolist()
+    drawn = torch.randint(6, (4,), generator=g).tolist()
+    assert torch.equal(batch["images"][:4], bank.images(clean)) and torch.equal(batch["images"][4:], bank.images(drawn, True))
+    assert torch.equal(batch["labels"], object_labels([bank.scenes[i] for i in clean + drawn]))
+    assert torch.equal(CellData(bank).batch_fn(torch.Generator().manual_seed(0), 4)["images"],
+                       bank.images(torch.randint(12, (4,), generator=torch.Generator().manual_seed(0)).tolist()))
+    with pytest.raises(ValueError, match="needs augmented views"):
+        CellData(SceneBank.build("train", 4, image_size=16), aug_fraction=0.3)

@@ -634,3 +634,23 @@ def test_cell_code_tokens_by_hand():
     # cell 0 (argmax 2) is seen occupied, cell 1 (argmax 0) and the uniform cells 2-8 (first maximum, 0) empty: all right
     assert code.accuracy(feats[:1], labels, names=("a", "b")) == {"a": 1.0, "b": 0.0, "empty": 1.0}
     assert [p.shape for p in code.head_parameters()] == [(9, 12, 5), (9, 5)]
+
+
+def test_cell_tokens_are_the_cnn_then_the_cell_code_and_the_namer_leaves_the_codes_alone():
+    """CellTokens = ConvFeatureExtractor -> CellCodeTokens (one token per cell, in place of a ViT's patch projection);
+    what stage 0 trains (namer_parameters) is the CNN and the per-cell heads, not the code tables / cell vectors."""
+    from mmkit.nn import CellTokens, ImageEmbeddings
+    torch.manual_seed(0)
+    tokens = CellTokens(16, 3, (8, 16), d_model=12, feature_dim=6)
+    x = torch.randn(2, 3, 16, 16)
+    feats = tokens.cnn(x).features                                        # (2, 4 * 4, 6): 16 px, two stride-2 stages
+    assert feats.shape == (2, 16, 6) and tokens.num_patches == 9
+    torch.testing.assert_close(tokens(x), tokens.code(feats))
+    labels = torch.zeros(2, 9, 3, dtype=torch.long)
+    labels[:, 4] = torch.tensor([1, 2, 1])
+    torch.testing.assert_close(tokens.loss(x, labels), tokens.code.loss(feats, labels))
+    namer = {id(p) for p in tokens.namer_parameters()}
+    assert namer == {id(p) for p in tokens.cnn.parameters()} | {id(tokens.code.weight), id(tokens.code.bias)}
+    assert not namer & ({id(p) for p in tokens.code.codes} | {id(tokens.code.cell)})
+    emb = ImageEmbeddings(16, 4, 3, d_model=12, patch=tokens)             # [CLS] + 9 cell tokens + positions
+    assert emb(x).shape == (2, 10, 12) and emb.patch is tokens

@@ -54,7 +54,7 @@ def test_walk_follows_the_config_plan_s_coattention_layers_then_one_connected(vq
     assert len(_layers(walk, "text-to-image cross-attention")) == S * N
     assert len(_layers(walk, "connected attention")) == N
     Nv, L = walk.n_image_tokens, walk.text_mask.shape[1]
-    assert Nv == 1 + (c.image_size // c.patch_size) ** 2
+    assert Nv == 1 + c.grid_size ** 2 == c.num_image_tokens        # [CLS] + patches ("cells": [CLS] + 3x3 cells)
     for s in _layers(walk, "connected attention"):
         assert s.shape[1] == Nv + L                            # one self-attention over [v; l]
     for s in _layers(walk, "cross-attention"):

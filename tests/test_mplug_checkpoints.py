@@ -29,16 +29,18 @@ BUDGET_BYTES = 12 * 1024 * 1024          # mPLUG total (common brief)
 
 # THE TABLE TO RAISE: the margin the shipped mplug-tiny-vqa must clear over the blind baseline on this test's
 # questions (None: the type only counts in the overall floor). Measured on these questions (model / blind), the
-# checkpoint retrained after stage 0 was fixed (recipes.py tuning notes): world test split, 100 scenes, 667 questions:
-# overall 0.474 / 0.375, colour 0.16 / 0.12, shape 0.37 / 0.35, size 0.85 / 0.48, count 0.76 / 0.63, existence 0.53 /
-# 0.48, position 0.11 / 0.10, relation 0.567 / 0.507; English 0.496 / 0.395, Chinese 0.451 / 0.354. Drawn pictures
-# (160): overall 0.312 / 0.250, colour 0.20 / 0.275, shape 0.325 / 0.25, count 0.60 / 0.35, position 0.125 / 0.125.
-# (The previous checkpoint: overall 0.411 / 0.375, colour 0.24, size 0.76, count 0.58; drawn 0.269.) Size and count
-# are read from the picture; colour, shape and position of a named object barely (the cross-attention does not find
-# the object yet); raise these when a model that binds attributes to objects ships (the issue's target: >= 0.90).
-MARGIN_OVER_BLIND = {"colour": 0.02, "shape": None, "size": 0.25, "count": 0.08, "existence": None,
-                     "position": None, "relation": None, "overall": 0.07, "per_language": {"en": 0.07, "zh": 0.07}}
-DRAWN_MARGIN_OVER_BLIND = {"colour": None, "shape": 0.05, "count": 0.15, "position": None, "overall": 0.04}
+# checkpoint that reads one code token per world cell (vision_stem="cells", issue 14; recipes.py tuning notes): world
+# test split, 100 scenes, 667 questions: overall 0.916 / 0.375, colour 0.91 / 0.12, shape 0.91 / 0.35, size 0.95 /
+# 0.48, count 0.92 / 0.63, existence 0.85 / 0.48, position 0.95 / 0.10, relation 0.925 / 0.507; English 0.920 / 0.395,
+# Chinese 0.912 / 0.354. Drawn pictures (160): overall 0.95 / 0.25, colour 1.00 / 0.275, shape 1.00 / 0.25, count
+# 0.875 / 0.35, position 0.925 / 0.125. (The previous, conv-stem checkpoint: overall 0.474, colour 0.16, position 0.11;
+# drawn 0.312.) The margins leave ~0.05-0.1 below each measured value (100 scenes: ~100 questions per type).
+MARGIN_OVER_BLIND = {"colour": 0.65, "shape": 0.45, "size": 0.35, "count": 0.2, "existence": 0.3,
+                     "position": 0.7, "relation": 0.3, "overall": 0.45, "per_language": {"en": 0.45, "zh": 0.45}}
+DRAWN_MARGIN_OVER_BLIND = {"colour": 0.55, "shape": 0.6, "count": 0.4, "position": 0.65, "overall": 0.6}
+# Issue 14's targets, asserted as they are (the margins above say "it looks"; these say "it is right"): >= 0.90
+# overall and per language, every type >= 0.80, drawn pictures >= 0.85.
+TARGET = {"overall": 0.90, "per_type": 0.80, "per_language": 0.90, "drawn": 0.85}
 N_SCENES = 100                           # held-out world test scenes (one question of every type each, ~660)
 N_DRAWN_PER_TYPE = 40                    # pictures drawn by tests/_vqa_drawings.py per type (160)
 
@@ -89,6 +91,9 @@ def test_vqa_world_test_split_per_type_and_language(vqa, prior):
         _floors(blind, blind, MARGIN_OVER_BLIND)
     for lang, margin in MARGIN_OVER_BLIND["per_language"].items():
         assert ev.per_lang[lang] >= blind.per_lang[lang] + margin, (lang, ev.per_lang, blind.per_lang)
+        assert ev.per_lang[lang] >= TARGET["per_language"], (lang, ev.per_lang)
+    assert ev.accuracy >= TARGET["overall"], ev.accuracy
+    assert min(ev.per_type.values()) >= TARGET["per_type"], ev.per_type
     # open-vocabulary generation (no answer list at inference), yet the generated text is an answer of the world
     assert sum(r[2] in ANSWERS["en"] + ANSWERS["zh"] for r in ev.records) >= 0.95 * ev.n_questions
 
@@ -102,3 +107,4 @@ def test_vqa_drawn_pictures(vqa, prior):
     print("drawn pictures (model, blind):", _floors(ev, blind, DRAWN_MARGIN_OVER_BLIND), ev.per_lang)
     with pytest.raises(AssertionError):
         _floors(blind, blind, DRAWN_MARGIN_OVER_BLIND)
+    assert ev.accuracy >= TARGET["drawn"], ev.accuracy

@@ -27,6 +27,7 @@ from mmkit.mplug.tasks import retrieval as R
 from mmkit.mplug.tasks import video as Vd
 from mmkit.mplug.tasks import vqa as Q
 from mmkit.registry import vqa_entries
+from mmkit.train import CELL_NAMER, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 S = 16
@@ -85,6 +86,40 @@ def test_vqa_answers_are_generated_freely_with_confidence_and_alternatives(bank,
 def test_vqa_heatmap_is_an_image_sized_map_in_0_1(bank, tok, method):
     heat = Q.answer_heatmap(micro(), bank.image(0), "what colour is the circle?", "red", tok, method=method)
     assert heat.shape == (S, S) and float(heat.min()) >= 0 and float(heat.max()) == pytest.approx(1.0)
+
+
+def test_cells_front_end_replaces_only_the_image_front_end_and_its_namer_trains_alone(bank, tok):
+    """vision_stem="cells" (the world VQA model, issue 14): [CLS] + one code token per 3x3 cell; with_config from a
+    conv-stem model copies everything but the image front end; stage 0 trains only the namer, the VQA fine-tune keeps
+    it fixed; the Grad-CAM heat map is read on the 3x3 cell tokens."""
+    conv = micro(vision_stem="conv", vision_stem_channels=(8, 16))           # 16 px, P = 4: two stride-2 stages
+    m = conv.with_config(vision_stem="cells", momentum_encoders=False)
+    assert m.config.grid_size == 3 and m.num_image_tokens == 10
+    assert m.embed_image(bank.images([0, 1])).shape == (2, 10, 32)
+    old, new = conv.state_dict(), m.state_dict()
+    fresh = {k for k in new if not (k in old and torch.equal(old[k], new[k]))}
+    assert fresh and all(k.startswith(("vision.embeddings.patch.", "vision.embeddings.pos_embed.")) for k in fresh)
+    with pytest.raises(ValueError, match="reads patches"):
+        Q.namer_prefixes(conv)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    run = Q.train_cell_namer(m, bank, TrainConfig(**dict(CELL_NAMER, steps=3, warmup_steps=1, batch_size=8)),
+                             aug_fraction=0.0, test_bank=bank)
+    moved = {k for k, v in m.state_dict().items() if not torch.equal(before[k], v)}
+    assert moved and all(k.startswith(Q.namer_prefixes(m)) for k in moved), moved
+    assert set(run.eval) == {"colour", "shape", "size", "empty"} and run.eval_augmented == {}
+    assert all(p.requires_grad for p in m.parameters())                     # restored afterwards
+    namer = {k: v.clone() for k, v in m.state_dict().items() if k.startswith(Q.namer_prefixes(m))}
+    cfg = Q.VQAConfig(n_scenes=8, image_size=S, vision_lr_scale=0.5)
+    Q.finetune_vqa(m.train(), cfg, TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, mixed_precision="no",
+                                                 progress_bar=False), n_eval=0, tokenizer=tok, bank=bank)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in namer.items())
+    heat = Q.answer_heatmap(m.eval(), bank.image(0), "what colour is the circle?", "red", tok)
+    assert heat.shape == (S, S) and float(heat.max()) == pytest.approx(1.0)
+
+
+def test_relation_questions_are_read_in_one_direction_per_axis():
+    assert Q.read_question("Is the red circle right of the blue square") == "is the blue square left of the red circle?"
+    assert Q.read_question("what colour is the circle?") == "what colour is the circle?"
 
 
 def test_vqa_evaluation_and_the_app_entry(bank, tok):

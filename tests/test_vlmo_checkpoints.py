@@ -1,11 +1,13 @@
 """The shipped VLMo checkpoints (mmkit/checkpoints/vlmo-tiny-retrieval, vlmo-tiny-vqa): made by their recipe chain (``mmkit train
 NAME``: stage 1 -> stage 2 -> stage 3 -> retrieval, each loading the one before), hashes and metrics in recipe.json,
 within VLMo's 10 MB budget; dual-encoder retrieval on held-out scenes above chance both ways, and only with the right
-images; VQA above the blind baseline of the same questions, and reading colour and size from the image. Nothing
-retrains."""
+images; VQA at issue 13's targets and above the blind baseline of the same questions, on world scenes and on pictures
+drawn outside the renderer. Nothing retrains."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,10 @@ import mmkit.zoo as zoo
 from mmkit import hub
 from mmkit.vlmo.model import VLMo
 from mmkit.vlmo.tasks import retrieval as R
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _blind import blind_eval, blind_prior  # noqa: E402
+from _vqa_drawings import drawn_pairs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,30 +76,65 @@ def test_dual_encoder_retrieval_beats_chance_both_ways():
     assert s.t2i[10] < r.dual.t2i[10] / 2 and s.i2t[10] < r.dual.i2t[10] / 2
 
 
-# VQA floors over the blind baseline (the world's answer prior on the SAME questions, computed here). Measured for the
-# shipped checkpoint on the recipe's 400 held-out scenes (2665 questions, recipe.json): 0.463 vs blind 0.391 (EN 0.465
-# vs 0.397, ZH 0.462 vs 0.385); colour 0.48 vs 0.18, size 0.70 vs 0.49. Shape, position and relation stay at the
-# blind level (issue 13: far from the 0.90 the paper's scale reaches). On 150 scenes the blind baseline alone moved
-# by 0.03, hence the full 400.
-VQA_MARGIN = {"overall": 0.05, "colour": 0.2, "size": 0.12, "en": 0.04, "zh": 0.04}
+# VQA floors (issue 13): the targets as they are, and margins over the blind baseline (the world's answer prior on
+# the SAME questions, computed here: tests/_blind.py). Measured for the shipped checkpoint on this test's questions
+# (model / blind), 400 scenes, 2665 questions: overall 0.952 / 0.386, colour 0.938 / 0.138, shape 0.960 / 0.340, size
+# 0.963 / 0.490, count 0.927 / 0.652, existence 0.975 / 0.517, position 0.985 / 0.093, relation 0.899 / 0.513; English
+# 0.951 / 0.389, Chinese 0.952 / 0.383. Drawn pictures (tests/_vqa_drawings.py, 160): 0.963 / 0.250, colour 0.925 /
+# 0.275, shape 1.000 / 0.250, count 0.950 / 0.350, position 0.975 / 0.125. The margins sit ~0.1-0.2 below these.
+# (The patch-token checkpoint before it: 0.463, shape / position / relation at the blind level.)
+TARGET = {"overall": 0.90, "per_type": 0.80, "per_language": 0.90, "drawn": 0.85}
+VQA_MARGIN = {"overall": 0.45, "colour": 0.6, "shape": 0.45, "size": 0.35, "count": 0.15, "existence": 0.25,
+              "position": 0.7, "relation": 0.25, "en": 0.45, "zh": 0.45}
+DRAWN_MARGIN = {"overall": 0.5, "colour": 0.5, "shape": 0.5, "count": 0.3, "position": 0.5}
+N_VQA_SCENES = 400                     # held-out scenes (2665 questions): on 150 the blind baseline alone moved 0.03
+N_DRAWN_PER_TYPE = 40
 
 
-def test_vqa_answers_above_the_blind_baseline_of_the_same_questions():
-    from mmkit.evaluation.vqa import prior_eval, world_answer_prior
+def _vqa_floors(ev, blind, margins, where: str) -> None:
+    assert ev.accuracy >= blind.accuracy + margins["overall"], (where, ev.accuracy, blind.accuracy)
+    for t, acc in ev.per_type.items():
+        if t in margins:
+            assert acc >= blind.per_type[t] + margins[t], (where, t, acc, blind.per_type[t])
+    for lang, acc in ev.per_lang.items():
+        if lang in margins:
+            assert acc >= blind.per_lang[lang] + margins[lang], (where, lang, acc, blind.per_lang[lang])
+
+
+def test_vqa_reaches_the_targets_above_the_blind_baseline_of_the_same_questions():
     from mmkit.vlmo.model import VLMoForVQA
     from mmkit.vlmo.tasks import vqa as V
 
     model = hub.load("vlmo-tiny-vqa")
-    assert type(model) is VLMoForVQA and model.config.image_size == 64
-    ev = V.evaluate_vqa(model, "test", 400)
-    blind = prior_eval(world_answer_prior(), ev)
+    assert type(model) is VLMoForVQA and model.config.image_size == 64 and model.config.visual_tokens == "cells"
+    ev = V.evaluate_vqa(model, "test", N_VQA_SCENES)
+    blind = blind_eval(blind_prior(), [(r[0], r[1], r[3], r[4]) for r in ev.records])
     print(f"VLMo VQA on {ev.n_questions} held-out questions: {ev.accuracy:.3f} vs blind {blind.accuracy:.3f};",
           {k: (round(v, 3), round(blind.per_type[k], 3)) for k, v in ev.per_type.items()},
           {k: (round(v, 3), round(blind.per_lang[k], 3)) for k, v in ev.per_lang.items()})
-    assert ev.accuracy >= blind.accuracy + VQA_MARGIN["overall"]
-    for t in ("colour", "size"):
-        assert ev.per_type[t] >= blind.per_type[t] + VQA_MARGIN[t], (t, ev.per_type[t], blind.per_type[t])
-    for lang in ("en", "zh"):
-        assert ev.per_lang[lang] >= blind.per_lang[lang] + VQA_MARGIN[lang], (lang, ev.per_lang, blind.per_lang)
+    _vqa_floors(ev, blind, VQA_MARGIN, "world")
+    with pytest.raises(AssertionError):                      # the floors refuse a model that never looks
+        _vqa_floors(blind, blind, VQA_MARGIN, "blind")
+    assert ev.accuracy >= TARGET["overall"], ev.accuracy
+    assert min(ev.per_type.values()) >= TARGET["per_type"], ev.per_type
+    assert min(ev.per_lang.values()) >= TARGET["per_language"], ev.per_lang
     m = json.loads((hub.SHIPPED_DIR / "vlmo-tiny-vqa" / "recipe.json").read_text(encoding="utf-8"))["metrics"]
-    assert m["test_acc"] > m["blind_acc"] and m["test_acc_colour"] > m["blind_acc_colour"]
+    assert m["namer_cell_shape"] > 0.95 and m["test_acc"] > m["blind_acc"] + 0.4
+
+
+def test_vqa_on_pictures_drawn_outside_the_renderer():
+    from mmkit.data.preprocess import preprocess_image
+    from mmkit.vlmo.tasks import vqa as V
+
+    model = hub.load("vlmo-tiny-vqa")
+    pairs = drawn_pairs(N_DRAWN_PER_TYPE, seed=7)
+    images = torch.stack([preprocess_image(p[0].png, size=64).tensor for p in pairs])
+    items = [(q, a, t, lang) for _, q, a, t, lang in pairs]
+    ev = V.evaluate_vqa_images(model, images, items)
+    blind = blind_eval(blind_prior(), items)
+    print("drawn pictures (model, blind):", round(ev.accuracy, 3), round(blind.accuracy, 3),
+          {k: (round(v, 3), round(blind.per_type[k], 3)) for k, v in ev.per_type.items()})
+    _vqa_floors(ev, blind, DRAWN_MARGIN, "drawn")
+    with pytest.raises(AssertionError):
+        _vqa_floors(blind, blind, DRAWN_MARGIN, "blind")
+    assert ev.accuracy >= TARGET["drawn"], ev.accuracy

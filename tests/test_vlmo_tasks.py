@@ -1,6 +1,7 @@
 """VLMo downstream tasks (mmkit/vlmo/tasks/: retrieval, vqa, nlvr2, image_only) and the VQA app entry, on small
 untrained or briefly trained models: shapes, rankings rebuilt by hand, soft targets by hand, app-compatible
-signatures, and the vision path alone learning to name cell attributes above the majority baseline."""
+signatures, the cells front end of the VQA model (stage 0 trains only its namer), and the vision path alone learning
+to name cell attributes above the majority baseline."""
 from __future__ import annotations
 
 import inspect
@@ -10,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mmkit.nn
+import mmkit.train
 import mmkit.zoo
 from mmkit.data.scenes import SceneBank
 from mmkit.data.text import answer_vocab
@@ -196,31 +199,71 @@ def test_a_short_vqa_finetune_runs_through_the_one_loop_and_evaluates():
     assert 0 <= run.eval.accuracy <= 1 and run.eval.n_questions >= 4 and set(run.eval.per_lang) <= {"en", "zh"}
 
 
-def test_the_visual_warm_start_reaches_the_vqa_model_and_a_zero_vision_lr_keeps_it():
-    """The vlmo-tiny-vqa recipe's stage 0: the vision path names cell objects (the pretrained model is not touched),
-    VLMoForVQA.from_pretrained_vlmo takes the warmed weights without the cell classifier, and vision_lr_scale scales
-    the image embeddings + V-FFN only (0 keeps them bit-identical while attention and the head train)."""
+def test_a_cells_vqa_model_keeps_the_pretrained_blocks_and_reads_one_token_per_cell():
+    """VLMoForVQA.from_pretrained_vlmo(pretrained, visual_tokens="cells"): the image becomes [I_CLS] + 9 cell codes
+    (mmkit.nn.CellTokens in place of the patch projection); blocks, text embeddings and heads are the pretrained ones,
+    the image front end (patch projection, positions) starts fresh; the Grad-CAM heat map is over the 3x3 cells."""
     base = pretrained()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    bank = SceneBank.build("train", 32, image_size=16)
-    warm = vqa.visual_warm_start(base, bank, quick(3))
-    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())    # a copy trained
-    vffn = "blocks.0.ffn.vision.mlp.fc1.weight"
-    assert not torch.equal(warm.model.state_dict()[vffn], before[vffn])
-    model = VLMoForVQA.from_pretrained_vlmo(warm.model)
-    assert torch.equal(model.state_dict()[vffn], warm.model.state_dict()[vffn])
-    assert not any(k.startswith("cell_") for k in model.state_dict())
-    kept = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = vqa.VQAFinetuneConfig(vision_lr_scale=0.0)
-    vqa.finetune_vqa(model, train_config=quick(3), config=cfg, bank=bank, n_eval=0)
-    vision = model.parts()["image_embeddings"] + model.parts()["vision_ffn"]
-    for k, v in model.state_dict().items():
-        if k.startswith(vision):
-            assert torch.equal(v, kept[k]), k
+    model = VLMoForVQA.from_pretrained_vlmo(base, visual_tokens="cells").eval()
+    assert isinstance(model.image_embed.patch, mmkit.nn.CellTokens) and model.config.grid_size == 3
+    for k, v in base.state_dict().items():
+        if not k.startswith(("image_embed.patch.", "image_embed.pos_embed.")):
+            assert torch.equal(model.state_dict()[k], v), k
+    images = torch.rand(2, 3, 16, 16)
+    assert model.embed_image(images).shape == (2, 1 + 9, CFG.d_model)
+    ids, am = vqa.vqa_inputs(model, ["what colour is the circle?", "圆形是什么颜色的？"])
+    assert model(images, ids, am).hidden_states.shape == (2, ids.shape[1] + 10, CFG.d_model)
+    heat = vqa.answer_heatmap(model, images[0], "what colour is the circle?", "red")
+    assert heat.shape == (16, 16) and float(heat.max()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="reads patches, not cells"):
+        vqa.train_cell_namer(VLMoForVQA.from_pretrained_vlmo(base), SceneBank.build("train", 8, image_size=16))
+
+
+def test_stage_0_trains_only_the_cell_namer_and_the_finetune_keeps_it_fixed():
+    """The vlmo-tiny-vqa recipe: the namer (CNN + per-cell heads) learns alone, everything else bit-identical; the VQA
+    fine-tune then trains the rest with the namer frozen; vision_lr_scale / layer_scale_lr_scale = 0 keep exactly
+    their parameters (image embeddings + V-FFN / the γ of every block) bit-identical: the scales reach those groups."""
+    model = VLMoForVQA.from_pretrained_vlmo(pretrained(), visual_tokens="cells")
+    bank = SceneBank.build("train", 32, image_size=16, n_augmented=16)
+    namer = mmkit.train.namer_parameter_names(model, model.image_embed.patch)
+    assert namer and all(k.startswith(("image_embed.patch.cnn.", "image_embed.patch.code.weight",
+                                       "image_embed.patch.code.bias")) for k in namer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = vqa.train_cell_namer(model, bank, quick(3), test_bank=SceneBank.build("test", 8, image_size=16,
+                                                                                   n_augmented=8))
     now = model.state_dict()
-    assert any(not torch.equal(now[k], kept[k]) for k in kept if k.startswith("blocks.0.self_attn."))
-    assert any(not torch.equal(now[k], kept[k]) for k in kept if k.startswith("vqa_head."))
+    assert {k for k in before if not torch.equal(now[k], before[k])} == set(namer)
+    assert set(run.eval) == {"colour", "shape", "size", "empty"} and set(run.eval_augmented) == set(run.eval)
+    assert all(p.requires_grad for p in model.parameters())                      # restored afterwards
+    for cfg, kept in ((vqa.VQAFinetuneConfig(vision_lr_scale=0.0), model.parts()["image_embeddings"]
+                       + model.parts()["vision_ffn"]),
+                      (vqa.VQAFinetuneConfig(layer_scale_lr_scale=0.0, loss="ce"), ("blocks.0.self_attn_scale",
+                                                                                    "blocks.1.ffn_scale"))):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        vqa.finetune_vqa(model, train_config=quick(3), config=cfg, bank=bank, n_eval=0)
+        now = model.state_dict()
+        for k in before:
+            if k in namer or k.startswith(kept):
+                assert torch.equal(now[k], before[k]), k
+        assert any(not torch.equal(now[k], before[k]) for k in before if k.startswith("blocks.0.self_attn.q_proj"))
+        assert any(not torch.equal(now[k], before[k]) for k in before if k.startswith("vqa_head."))
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_ce_loss_is_minus_log_p_of_the_right_answer():
+    model = VLMoForVQA.from_pretrained_vlmo(pretrained())
+    images = torch.rand(3, 3, 16, 16)
+    batch = {"images": images, "questions": ["what colour is the circle?", "is there a square?", "圆形是什么颜色的？"],
+             "answers": ["red", "no", "红色"]}
+    loss, m = vqa.vqa_loss(model, batch, loss="ce")
+    logits = vqa.vqa_logits(model, images, batch["questions"]).detach()
+    y = torch.tensor([vqa.answer_index(a) for a in batch["answers"]])
+    torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, y))
+    bce, _ = vqa.vqa_loss(model, batch)                                             # the paper's, the default
+    torch.testing.assert_close(bce.detach(), F.binary_cross_entropy_with_logits(
+        logits, F.one_hot(y, len(vqa.ANSWERS)).float()) * len(vqa.ANSWERS))
+    with pytest.raises(ValueError, match="loss must be"):
+        vqa.VQAFinetuneConfig(loss="mse")
 
 
 # --- NLVR2 (VLMo §4.3) -----------------------------------------------------------------------------------------

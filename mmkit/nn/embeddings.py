@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "CellCodeTokens", "cell_attribute_loss",
+__all__ = ["PatchEmbedding", "ConvFeatureExtractor", "PatchFeatures", "CellCodeTokens", "CellTokens", "cell_attribute_loss",
            "cell_attribute_accuracy", "ChannelLayerNorm", "PositionEmbedding", "PositionEmbedding2D", "TypeEmbedding",
            "pair", "ImageEmbeddings", "TextEmbeddings"]
 
@@ -202,6 +202,46 @@ class ConvFeatureExtractor(nn.Module):
         return PatchFeatures(f.flatten(2).transpose(1, 2), (f.shape[2], f.shape[3]))  # (B, h*w, D)
 
 
+class CellTokens(nn.Module):
+    """Visual tokens as one code per world cell, read by a small CNN: :class:`ConvFeatureExtractor` ->
+    :class:`CellCodeTokens`. It stands where a ViT's patch projection stands (``ImageEmbeddings(patch=...)``), so a
+    model built on it sees [CLS] + one token per cell instead of [CLS] + patches.
+
+    Why (issues 12-14): a tiny ViT trained from scratch on the world reads colour and size from its patch tokens but
+    not shape (per-cell shape 0.45 for VLMo's patches, 0.67 for mPLUG's conv stem), and its fusion never learns to
+    match a question's words against 64 patches in CPU-minutes. A CNN with one linear head per cell names every
+    cell's object after a few hundred steps; its code is what the fusion then reads, as the detector's region
+    features of pre-ViLT vision-language models (bottom-up attention) are. Train the namer first (:meth:`loss` on
+    ``mmkit.data.world.object_labels``; :meth:`namer_parameters`), then keep it fixed.
+
+    ``forward(images)`` takes normalised images (B, C, S, S) -> (B, cells, D).
+    """
+
+    def __init__(self, image_size: int, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 128), *,
+                 d_model: int, feature_dim: int = 128, cell_grid: int = 3, classes: tuple[int, ...] = (7, 4, 3)):
+        super().__init__()
+        self.cnn = ConvFeatureExtractor(in_channels, tuple(channels), d_model=feature_dim)
+        self.code = CellCodeTokens(self.cnn.grid_size(image_size), feature_dim, d_model, cell_grid=cell_grid,
+                                   classes=classes)
+        self.num_patches = self.code.n_cells
+
+    def namer_parameters(self) -> list[nn.Parameter]:
+        """What :meth:`loss` trains: the CNN and the per-cell heads (the code tables and cell vectors stay as drawn)."""
+        return list(self.cnn.parameters()) + self.code.head_parameters()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.code(self.cnn(images).features)                               # (B, cells, D)
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every cell's colour / shape / size (0 = empty) against ``labels`` (B, cells, 3)."""
+        return self.code.loss(self.cnn(images).features, labels)
+
+    @torch.no_grad()
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Per-attribute accuracy over the occupied cells, and of "empty" over all cells."""
+        return self.code.accuracy(self.cnn(images).features, labels)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Position and type embeddings
 # ---------------------------------------------------------------------------------------------------------
@@ -301,10 +341,12 @@ class ImageEmbeddings(nn.Module):
 
     def __init__(self, image_size: int | tuple[int, int], patch_size: int | tuple[int, int], in_channels: int = 3,
                  *, d_model: int, cls_token: bool = True, mask_token: bool = False, patch_bias: bool = True,
-                 pre_norm: bool = False, layer_norm_eps: float = 1e-5, dropout: float = 0.0):
+                 pre_norm: bool = False, layer_norm_eps: float = 1e-5, dropout: float = 0.0,
+                 patch: nn.Module | None = None):
         super().__init__()
-        self.patch = PatchEmbedding(image_size, patch_size, in_channels, d_model=d_model)
-        if not patch_bias:
+        # ``patch``: any module images -> (B, N, D) with a ``num_patches`` (e.g. :class:`CellTokens`); default ViT's
+        self.patch = patch if patch is not None else PatchEmbedding(image_size, patch_size, in_channels, d_model=d_model)
+        if not patch_bias and patch is None:                                     # CLIP: the projection has no bias
             self.patch.proj.bias = None
         self.num_patches = self.patch.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model)) if cls_token else None            # (1, 1, D)

@@ -15,5 +15,5 @@ __all__: list[str] = []
 register_vqa_model(VQAModelEntry(
     name="VLMo-tiny VQA", checkpoint="vlmo-tiny-vqa", load=lambda: hub.load("vlmo-tiny-vqa"),
     description="VLMo tiny: Multiway Transformer fusion encoder, a classifier over the world's EN + ZH answers on "
-                "the pooled [T_CLS] (VLMo §4.3)",
+                "the pooled [T_CLS] (VLMo §4.3); it reads one code token per world cell (notebook 07, section 6)",
     answer=answer, heatmap=answer_heatmap, image_size=VLMoVQAConfig().image_size))

@@ -46,6 +46,11 @@ final LayerNorm shared by all routes, BERT's LayerNorm inside the text embedding
 after it. Where it follows the paper instead: learned absolute 1-D positions for images and text (§3.1; the
 official Base/Large use BEiT's relative position biases) and one ITC loss on the unimodal [CLS] (the official
 code adds a second ITC on [CLS] vectors routed through the VL experts).
+
+Where the kit departs from both: ``visual_tokens="cells"`` (the shipped world VQA model) replaces the linear patch
+embeddings with one code token per world cell, read by a small CNN that names each cell's object
+(:class:`mmkit.nn.CellTokens`, trained first and then fixed): the image side becomes [I_CLS] + 9 tokens, everything
+after it is unchanged. The tuning notes in ``mmkit/vlmo/recipes.py`` measure why.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmkit.nn import (FeedForward, ImageEmbeddings, TextEmbeddings, TransformerBlock, TypeEmbedding, init_weights,
+from mmkit.nn import (CellTokens, FeedForward, ImageEmbeddings, TextEmbeddings, TransformerBlock, TypeEmbedding, init_weights,
                       padding_mask)
 from mmkit.objectives.itc import Temperature, TemperatureConfig
 from mmkit.registry import register_model, register_preset
@@ -110,6 +115,12 @@ class VLMoConfig:
     image_size: int = 64           # images are image_size x image_size (the kit's world images: 64 px)
     patch_size: int = 8            # P: 64 / 8 = an 8x8 grid = 64 patches (+ [I_CLS]); Base/Large: 224 / 16 = 14x14
     in_channels: int = 3           # RGB
+    visual_tokens: str = "patches"  # what the image becomes (VLMo §3.1: "patches", [I_CLS] + N linear patch
+                                   # embeddings). "cells": [I_CLS] + one code per world cell from a small CNN that names
+                                   # each cell's object (mmkit.nn.CellTokens; the kit's VQA departure, issue 13: the
+                                   # tiny ViT never reads shape, nor binds words to 64 patches, in CPU-minutes)
+    cell_channels: tuple = (32, 64, 128)  # "cells": the CNN's stride-2 conv stages (64 px -> an 8x8 feature grid)
+    cell_grid: int = 3             # "cells": cells per side (the Shapes World's 3x3 grid) -> 9 image tokens
     image_pos_init: str = "random"  # how the learned V_pos start: "random" (N(0, init_std), BERT / ViT) or "sincos2d"
                                    # (the fixed 2-D sin-cos table of MAE / BEiT v2 for the patches, 0 for [I_CLS]; still
                                    # learned afterwards): every patch knows its row and column from step 0
@@ -141,12 +152,16 @@ class VLMoConfig:
              f"image_pos_init must be 'random' or 'sincos2d', got {self.image_pos_init!r}")
         need(self.image_pos_init == "random" or self.d_model % 4 == 0,
              f"image_pos_init='sincos2d' needs d_model divisible by 4, got {self.d_model}")
+        need(self.visual_tokens in ("patches", "cells"),
+             f"visual_tokens must be 'patches' or 'cells', got {self.visual_tokens!r}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        self.cell_channels = tuple(self.cell_channels)
 
     @property
     def grid_size(self) -> int:
-        """Patches per image side (8 for 64 px and P = 8): the MIM code grid must have this side too."""
-        return self.image_size // self.patch_size
+        """Patches per image side (8 for 64 px and P = 8): the MIM code grid must have this side too. "cells": 3, the
+        world's 3x3 grid."""
+        return self.cell_grid if self.visual_tokens == "cells" else self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -263,8 +278,10 @@ class VLMo(nn.Module):
         D = c.d_model
 
         # VLMo §3.1 image: [I_CLS] + linear patch embeddings + V_pos ([MASK] for BEiT's masked image modelling)
+        cells = CellTokens(c.image_size, c.in_channels, c.cell_channels, d_model=D, cell_grid=c.cell_grid) \
+            if c.visual_tokens == "cells" else None                          # the kit's departure (see the config)
         self.image_embed = ImageEmbeddings(c.image_size, c.patch_size, c.in_channels, d_model=D, mask_token=True,
-                                           dropout=c.dropout)
+                                           dropout=c.dropout, patch=cells)
         # VLMo §3.1 text: word + T_pos, BERT's LayerNorm (the type is added after it, as the official code does)
         self.text_embed = TextEmbeddings(c.vocab_size, D, max_len=c.max_text_len, n_types=0,
                                          pad_token_id=c.pad_token_id, layer_norm_eps=c.text_layer_norm_eps,
@@ -293,7 +310,9 @@ class VLMo(nn.Module):
         self.mim_head = nn.Linear(D, c.n_image_codes)                         # BEiT: a code per patch
 
         init_weights(self, std=c.init_std)
-        self.image_embed.patch.proj.reset_parameters()                        # PyTorch conv init (timm / official)
+        for m in self.image_embed.patch.modules():                            # PyTorch conv init (timm / official;
+            if isinstance(m, nn.Conv2d):                                      # the cell CNN learns faster with it)
+                m.reset_parameters()
         if c.image_pos_init == "sincos2d":
             with torch.no_grad():
                 self.image_embed.pos_embed.weight.zero_()
@@ -486,7 +505,10 @@ class VLMo(nn.Module):
         base = {f.name: getattr(model.config, f.name) for f in fields(VLMoConfig) if f.name != "model_type"}
         config = cls.config_class(**{**base, **overrides})
         new = cls(config).to(next(model.parameters()).device)
-        missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+        state = model.state_dict()
+        if config.visual_tokens != model.config.visual_tokens:     # patches <-> cells: the image front end starts new
+            state = {k: v for k, v in state.items() if not k.startswith(("image_embed.patch.", "image_embed.pos_embed."))}
+        missing, unexpected = new.load_state_dict(state, strict=False)
         unexpected = [k for k in unexpected if not k.startswith(_DOWNSTREAM_HEADS)]
         if unexpected:
             raise ValueError(f"{type(model).__name__} holds weights {unexpected[:5]} that {cls.__name__} does not have")
@@ -631,7 +653,8 @@ register_model("vlmo_image_cls", VLMoImageClsConfig, VLMoForImageClassification)
 # The world at laptop scale: 32 px images in 8x8 patches, the world WordPiece tokenizer (384 ids in 512 rows),
 # 4 blocks of width 128 with the VL expert in the top one.
 register_preset("vlmo-tiny", lambda: VLMoConfig())
-register_preset("vlmo-tiny-vqa", lambda: VLMoVQAConfig())
+# The world VQA model reads the cells front end (visual_tokens="cells", see VLMoConfig; tuning notes in recipes.py)
+register_preset("vlmo-tiny-vqa", lambda: VLMoVQAConfig(visual_tokens="cells"))
 register_preset("vlmo-tiny-nlvr2", lambda: VLMoNLVR2Config())
 register_preset("vlmo-tiny-image-cls", lambda: VLMoImageClsConfig())
 

@@ -53,9 +53,10 @@ from tqdm.auto import tqdm
 
 from mmkit.data.preprocess import image_for_model
 from mmkit.data.scenes import SceneBank
-from mmkit.data.text import answer_vocab, canonical_question
+from mmkit.data.text import answer_vocab
 from mmkit.data.world import object_labels
-from mmkit.data.vqa import VQASampler, check_question, eval_questions, normalise_question, question_language
+from mmkit.data.vqa import (VQASampler, check_question, eval_questions, question_language,
+                             read_question)
 from mmkit.evaluation.vqa import VQAAnswer, VQAEval, pixel_saliency, ranked_answer, score_answers, unit_heat
 from mmkit.generation import HFGenerationAdapter
 from mmkit.m6.masking import IGNORE_INDEX, collate, task_example
@@ -82,11 +83,6 @@ def vqa_prompt(question: str) -> str:
     (:func:`mmkit.data.text.canonical_question`)."""
     q = read_question(question)
     return PROMPTS[question_language(q)].format(q=q)
-
-
-def read_question(question: str) -> str:
-    """The question as M6 reads it: normalised (:func:`normalise_question`), relations in one direction per axis."""
-    return canonical_question(normalise_question(question))
 
 
 MAX_PROMPT_TOKENS = 48             # the encoder text the model reads (VQAConfig.max_prompt_tokens); the world's
@@ -241,7 +237,7 @@ def answer(model, image, question: str, tokenizer=None, top_k: int = 5, num_beam
     """Answer one question about one image (M6 §4.2): the generated answer, its probability, the top alternatives.
 
     ``image``: float (3, S, S) in [0, 1] or anything :func:`mmkit.data.preprocess.preprocess_image` opens (path,
-    PIL image, bytes). ``question`` in English or Chinese (normalised by :func:`normalise_question`).
+    PIL image, bytes). ``question`` in English or Chinese (normalised by :func:`mmkit.data.vqa.normalise_question`).
     """
     question = check_question(question)
     if not isinstance(unwrap(model), M6Model) or isinstance(unwrap(model), (M6T2I, M6ForImageTextMatching)):

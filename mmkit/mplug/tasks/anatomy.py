@@ -105,10 +105,14 @@ def forward_walk(model, batch: dict, tokenizer=None, max_len: int = 48, cross_la
         vis = raw.vision
         pixels = (images.float() - raw.image_mean) / raw.image_std
         x = vis.embeddings(pixels)                                                 # (B, 1 + N, W)
-        g = c.image_size // c.patch_size
-        steps.append(Step("patches + [CLS] (ViT, mPLUG §3.1)", "z^0 = [x_cls; E x_1; ..; E x_N] + E_pos",
-                          tuple(x.shape), f"{g}x{g} = {g * g} patches of {c.patch_size}x{c.patch_size} px "
-                          f"({c.vision_stem} stem) and a learned [CLS], each with its position"))
+        g = c.grid_size
+        what = (f"{g}x{g} = {g * g} cell tokens (a code of the object each world cell holds, named by a small CNN)"
+                if c.vision_stem == "cells" else
+                f"{g}x{g} = {g * g} patches of {c.patch_size}x{c.patch_size} px ({c.vision_stem} stem)")
+        name = "cell codes + [CLS] (the kit's image tokens)" if c.vision_stem == "cells" else \
+            "patches + [CLS] (ViT, mPLUG §3.1)"
+        steps.append(Step(name, "z^0 = [x_cls; E x_1; ..; E x_N] + E_pos",
+                          tuple(x.shape), f"{what} and a learned [CLS], each with its position"))
         for block in vis.blocks:
             x = block(x)
         x = vis.post_norm(x)

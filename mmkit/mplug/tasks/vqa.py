@@ -15,7 +15,15 @@ question's language is scored by teacher forcing, ``P(a_1 .. a_T [EOS] | image, 
 the generated answer's confidence (as ``mmkit.m6.tasks.vqa.answer`` does, so the VQA app treats both alike).
 
 Heat map (:func:`answer_heatmap`): Grad-CAM on the visual encoder's patch tokens v^0, ALBEF's demo applied to
-mPLUG: relevance of patch n = ReLU(sum_d dlogP/dv_nd * v_nd), the (H/P x W/P) grid upsampled to the image.
+mPLUG: relevance of patch n = ReLU(sum_d dlogP/dv_nd * v_nd), the (H/P x W/P) grid upsampled to the image (a
+``vision_stem="cells"`` model: its 3 x 3 cell tokens).
+
+The world VQA model (mplug-tiny-vqa) reads the image as [CLS] + one code token per world cell
+(``MPLUGConfig(vision_stem="cells")``, issue 14): stage 0, :func:`train_cell_namer`, trains the cell namer (a small
+CNN + one linear head per cell) to name every cell's object; then it stays fixed while :func:`finetune_vqa` trains the
+rest. Relation questions are read in one direction per axis ("is A right of B?" -> "is B left of A?",
+:func:`mmkit.data.vqa.read_question`, as M6 reads them): the world asks each pair's true relation and its
+opposite, an XOR a tiny model does not learn in minutes.
 """
 from __future__ import annotations
 
@@ -29,17 +37,22 @@ import torch.nn.functional as F
 
 from mmkit.data.preprocess import image_for_model
 from mmkit.data.scenes import SceneBank
-from mmkit.data.vqa import VQASampler, check_question, eval_questions, normalise_question, question_language
+from mmkit.data.vqa import (VQASampler, check_question, eval_questions, normalise_question, question_language,
+                            read_question)
 from mmkit.evaluation.vqa import (AnswerPrior, VQAAnswer, VQAEval, pixel_saliency, prior_eval, ranked_answer,
                                   score_answers, unit_heat, world_answer_prior)
 from mmkit.mplug.model import MPLUG, MPLUGForClassification
 from mmkit.mplug.tasks.inputs import encoder_inputs, teacher_forced
 from mmkit.objectives.lm import IGNORE_INDEX, sequence_logprob
 from mmkit.tokenizer import decode_rows, tokenizer_or_world, world_tokenizer
-from mmkit.train import TrainConfig, evaluating, scaled_param_groups, train, unwrap
+from mmkit.train import (CellNamerRun, TrainConfig, evaluating, freeze, namer_parameter_names, scaled_param_groups,
+                         train, unwrap)
+from mmkit.train import train_cell_namer as train_namer
 
 __all__ = ["VQAConfig", "vqa_bank", "vqa_loss", "answer_batch", "score_candidates", "answer", "answer_heatmap",
-           "evaluate_vqa", "evaluate_vqa_images", "VQARun", "finetune_vqa", "fit_answer_prior", "blind_eval"]
+           "evaluate_vqa", "evaluate_vqa_images", "VQARun", "finetune_vqa", "fit_answer_prior", "blind_eval",
+           "read_question", "CELL_NAMER_AUG_FRACTION", "namer_prefixes",
+           "train_cell_namer"]
 
 
 @dataclass
@@ -56,6 +69,8 @@ class VQAConfig:
     vision_lr_scale: float = 1.0     # LR multiplier of the visual encoder while fine-tuning (mPLUG Table 11 gives the
                                      # ViT its own LR); 0 freezes it
     augment_seed: int = 0            # seeds the augmented views
+    focus_qtype: str | None = None   # a question type asked more often (VQASampler): the relation phase of
+    focus_share: float = 0.0         # mplug-tiny-vqa asks relation questions this share of the time
 
 
 def vqa_bank(config: VQAConfig, split: str = "train", n: int | None = None, start: int = 0) -> SceneBank:
@@ -66,7 +81,7 @@ def vqa_bank(config: VQAConfig, split: str = "train", n: int | None = None, star
 
 
 def _questions(tok, questions: Sequence[str], max_len: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
-    return encoder_inputs(tok, [normalise_question(q) for q in questions], max_len)
+    return encoder_inputs(tok, [read_question(q) for q in questions], max_len)
 
 
 def vqa_loss(model, batch: dict, tokenizer=None, max_len: int = 48):
@@ -156,7 +171,8 @@ def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None
     """Where ``answer_text`` came from: (S, S) float in [0, 1] (1 = most relevant), 0 everywhere if nothing is.
 
     ``"gradcam"``: relevance of patch n = ReLU(sum_d dlogP/dv_nd * v_nd) on the visual encoder's patch tokens v^0
-    (the [CLS] token left out), bilinearly upsampled; ``"saliency"``: |dlogP/dpixel| (max over colour) smoothed by a
+    (the [CLS] token left out; with ``vision_stem="cells"`` the 3 x 3 cell tokens), bilinearly upsampled;
+    ``"saliency"``: |dlogP/dpixel| (max over colour) smoothed by a
     3x3 average. logP = log P(answer + [EOS] | image, question) under teacher forcing.
     """
     if method not in ("gradcam", "saliency"):
@@ -164,7 +180,7 @@ def answer_heatmap(model, image, question: str, answer_text: str, tokenizer=None
     tok = tokenizer if tokenizer is not None else world_tokenizer()
     c = model.config
     x = image_for_model(image, c.image_size)[None].clone().to(model.device)           # (1, 3, S, S)
-    S, g = c.image_size, c.image_size // c.patch_size
+    S, g = c.image_size, c.grid_size                       # patches per side; "cells": the 3 x 3 cell tokens
     ids, mask = _questions(tok, [question])
     dec, labels = teacher_forced(tok, [answer_text or ""], c)
     with evaluating(model), torch.enable_grad():
@@ -219,16 +235,23 @@ class VQARun(NamedTuple):
 
 
 def finetune_vqa(model, config: VQAConfig | None = None, train_config: TrainConfig | None = None, *,
-                 n_eval: int = 300, eval_fn=None, tokenizer=None) -> VQARun:
+                 n_eval: int = 300, eval_fn=None, tokenizer=None, bank: SceneBank | None = None) -> VQARun:
     """Fine-tune ``model`` (a pretrained mPLUG, trained in place) on generated answers: teacher forcing of
     ``answer [EOS]`` after [BOS] from [v^L; l^L] of (image, question) (mPLUG §5.2.1), questions of every type in
     English and Chinese, drawn-style views for ``config.aug_fraction`` of them; then evaluate on ``n_eval`` held-out
-    test scenes, rendered and drawn (``n_eval=0`` skips it)."""
+    test scenes, rendered and drawn (``n_eval=0`` skips it). ``bank``: the training scenes (default
+    ``vqa_bank(config)``, e.g. the one :func:`train_cell_namer` used). A ``vision_stem="cells"`` model keeps its cell
+    namer fixed (stage 0 trained it: its codes mean objects); the rest of the visual encoder moves at
+    ``config.vision_lr_scale``."""
     cfg = config or VQAConfig(image_size=unwrap(model).config.image_size)
     tcfg = train_config or TrainConfig(steps=600, batch_size=64, lr=1e-3, warmup_steps=50, mixed_precision="no")
     tok = tokenizer if tokenizer is not None else world_tokenizer()
     t0, c0 = time.perf_counter(), time.process_time()
-    sampler = VQASampler(vqa_bank(cfg), lang=cfg.lang, aug_fraction=cfg.aug_fraction)
+    sampler = VQASampler(bank if bank is not None else vqa_bank(cfg), lang=cfg.lang, aug_fraction=cfg.aug_fraction,
+                         focus_qtype=cfg.focus_qtype, focus_share=cfg.focus_share)
+    raw = unwrap(model)
+    if raw.config.vision_stem == "cells":
+        freeze(raw, namer_prefixes(raw))
     kw = {}
     if cfg.vision_lr_scale != 1.0:
         kw["param_groups_fn"] = lambda m: scaled_param_groups(m, tcfg.weight_decay, tcfg.lr,
@@ -236,7 +259,6 @@ def finetune_vqa(model, config: VQAConfig | None = None, train_config: TrainConf
     result = train(model, functools.partial(vqa_loss, tokenizer=tok, max_len=cfg.max_question_tokens),
                    sampler.batch_fn, tcfg, eval_fn=eval_fn, **kw)
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    raw = unwrap(model)
     ev = evaluate_vqa(raw, "test", n_eval, tokenizer=tok) if n_eval else None
     ev_aug = evaluate_vqa(raw, "test", n_eval, tokenizer=tok, augmented_seed=1) if n_eval else None
     return VQARun(raw, result, ev, ev_aug, cpu, wall)
@@ -251,3 +273,29 @@ def fit_answer_prior(n_scenes: int = 6000, draws: int = 4, seed: int = 0) -> Ans
 def blind_eval(prior: AnswerPrior, ev: VQAEval) -> VQAEval:
     """What the prior (no image) scores on exactly the questions of ``ev``."""
     return prior_eval(prior, ev)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 0 of a vision_stem="cells" model: the cell namer
+# ---------------------------------------------------------------------------------------------------------
+
+CELL_NAMER_AUG_FRACTION = 0.5     # half of each namer batch from the drawn views (settings: mmkit.train.CELL_NAMER)
+
+
+def namer_prefixes(model) -> tuple[str, ...]:
+    """Parameter names of the cell namer of a ``vision_stem="cells"`` mPLUG (its CNN and per-cell heads; the code
+    tables and cell vectors are not the namer's: they stay as drawn in stage 0 and learn with the VQA)."""
+    raw = unwrap(model)
+    if raw.config.vision_stem != "cells":
+        raise ValueError("this mPLUG reads patches, not cells: build it with "
+                         "pretrained.with_config(vision_stem='cells', momentum_encoders=False)")
+    return namer_parameter_names(raw, raw.vision.embeddings.patch)
+
+
+def train_cell_namer(model, bank: SceneBank, train_config: TrainConfig | None = None,
+                     aug_fraction: float = CELL_NAMER_AUG_FRACTION, test_bank: SceneBank | None = None) -> CellNamerRun:
+    """Stage 0 of a ``vision_stem="cells"`` mPLUG: its cell namer learns which object each cell of ``bank``'s scenes
+    holds; nothing else moves (:func:`mmkit.train.train_cell_namer`)."""
+    raw = unwrap(model)
+    namer_prefixes(raw)                                                          # a clear error for a patch model
+    return train_namer(raw, raw.vision.embeddings.patch, bank, train_config, aug_fraction, test_bank)

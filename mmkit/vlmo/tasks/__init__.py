@@ -6,4 +6,5 @@
     nlvr2.py       statements about image pairs: two fusion passes + a classifier (§4.3)
     image_only.py  the vision path alone: the object of every grid cell (§4.5)
     anatomy.py     one stage-3 step walked by hand (§3.1-3.3, equal to vl_losses) and a probe of the patch tokens
+    ablations.py   Tables 3, 5 and 6 at equal budgets: stagewise vs scratch, Multiway vs standard / no VL, hard negatives
 """

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mmkit.data.scenes import SceneBank
+from mmkit.data.scenes import CellData, SceneBank
 from mmkit.data.world import object_labels
 from mmkit.train import TrainConfig, evaluating, freeze, train, unwrap
 
@@ -35,18 +35,6 @@ def _check_head(model) -> None:
     if not hasattr(unwrap(model), "cell_head"):
         raise ValueError(f"this task needs a VLMoForImageClassification, got {type(unwrap(model)).__name__}; build it "
                          "with VLMoForImageClassification.from_pretrained_vlmo(pretrained)")
-
-
-class CellData:
-    """Images of a :class:`SceneBank` and their per-cell labels (B, 9, 3); ``batch_fn`` for :func:`mmkit.train.train`."""
-
-    def __init__(self, bank: SceneBank):
-        self.bank = bank
-        self.labels = object_labels(bank.scenes)                                  # (N, 9, 3)
-
-    def batch_fn(self, generator: torch.Generator, batch_size: int) -> dict:
-        idx = torch.randint(len(self.bank), (batch_size,), generator=generator).tolist()
-        return {"images": self.bank.images(idx), "labels": self.labels[idx]}
 
 
 def _split(model, logits: torch.Tensor) -> list[torch.Tensor]:
