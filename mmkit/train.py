@@ -101,7 +101,7 @@ __all__ = [
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
     "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half", "CELL_NAMER", "CELL_NAMER_FAST",
-    "CellNamerRun", "namer_parameter_names", "train_cell_namer",
+    "CELL_NAMER_AUG_FRACTION", "CellNamerRun", "namer_parameter_names", "train_cell_namer",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -1180,6 +1180,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], dataset_or
 CELL_NAMER = dict(steps=800, batch_size=64, lr=2e-3, warmup_steps=80, min_lr_ratio=0.05, weight_decay=0.01,
                   mixed_precision="no", log_every=50, seed=0)
 CELL_NAMER_FAST = dict(CELL_NAMER, steps=150, warmup_steps=15)
+CELL_NAMER_AUG_FRACTION = 0.5      # share of each namer batch drawn from the bank's drawn-style views
 
 
 class CellNamerRun(NamedTuple):
@@ -1197,7 +1198,7 @@ def namer_parameter_names(model: nn.Module, tokens: nn.Module) -> tuple[str, ...
 
 
 def train_cell_namer(model: nn.Module, tokens: nn.Module, bank, train_config: TrainConfig | None = None,
-                     aug_fraction: float = 0.5, test_bank=None) -> CellNamerRun:
+                     aug_fraction: float = CELL_NAMER_AUG_FRACTION, test_bank=None) -> CellNamerRun:
     """Train the namer of ``tokens`` (the :class:`mmkit.nn.CellTokens` inside ``model``, whose ``image_mean`` /
     ``image_std`` normalise its [0, 1] images) in place to name the object of every cell of ``bank``'s scenes
     (``aug_fraction`` of each batch from the drawn views); nothing else in ``model`` moves. ``eval`` is its per-cell

@@ -39,8 +39,8 @@ from mmkit.mplug.tasks.efficiency import WORLD_LENGTHS, stride_times
 from mmkit.mplug.tasks.grounding import coordinate_tokenizer, evaluate_grounding, finetune_grounding
 from mmkit.mplug.tasks.pretrain import PretrainConfig, PretrainData, StageConfig, pretrain
 from mmkit.mplug.tasks.retrieval import evaluate_retrieval, finetune_retrieval
-from mmkit.mplug.tasks.vqa import (CELL_NAMER_AUG_FRACTION, VQAConfig, blind_eval, evaluate_vqa, finetune_vqa,
-                                   fit_answer_prior, train_cell_namer, vqa_bank)
+from mmkit.mplug.tasks.vqa import (VQAConfig, blind_eval, evaluate_vqa, finetune_vqa, fit_answer_prior,
+                                   train_cell_namer, vqa_bank)
 from mmkit.registry import recipe, register_loader
 from mmkit.train import CELL_NAMER, CELL_NAMER_FAST, TrainConfig, rounded_to_half, save_checkpoint
 
@@ -159,7 +159,7 @@ def _recalls(r) -> dict:
 # type >= 0.845), float16 0.919. Existence (is there a <colour> <shape>?) is the weakest: it must check every cell.
 VQA = dict(
     data=dict(n_scenes=10_000, n_augmented=6_000, aug_fraction=0.3, image_size=64, lang="both", vision_lr_scale=1.0),
-    namer=dict(CELL_NAMER, steps=1200, warmup_steps=120), namer_aug_fraction=CELL_NAMER_AUG_FRACTION,
+    namer=dict(CELL_NAMER, steps=1200, warmup_steps=120),
     n_namer_eval=400,
     train=dict(steps=2400, batch_size=64, lr=1e-3, warmup_steps=100, min_lr_ratio=0.05, weight_decay=0.02,
                mixed_precision="no", log_every=25, seed=0, progress_bar=False),
@@ -186,7 +186,7 @@ def train_mplug_tiny_vqa(out_dir: Path, fast: bool) -> dict:
     bank = vqa_bank(cfg)
     bank_cpu = time.process_time() - c0
     namer_test = vqa_bank(VQAConfig(image_size=cfg.image_size), "test", r["n_namer_eval"]).with_augmented(1)
-    namer = train_cell_namer(model, bank, ncfg, r["namer_aug_fraction"], namer_test)        # stage 0
+    namer = train_cell_namer(model, bank, ncfg, test_bank=namer_test)                       # stage 0
     first = finetune_vqa(model, cfg, tcfg, n_eval=0, bank=bank)                             # the namer stays fixed
     # then relations asked more often (0.4 of the questions; the tuning notes): the same scenes, another seed
     rcfg = TrainConfig(**r["relation"])

@@ -45,13 +45,13 @@ from mmkit.mplug.model import MPLUG, MPLUGForClassification
 from mmkit.mplug.tasks.inputs import encoder_inputs, teacher_forced
 from mmkit.objectives.lm import IGNORE_INDEX, sequence_logprob
 from mmkit.tokenizer import decode_rows, tokenizer_or_world, world_tokenizer
-from mmkit.train import (CellNamerRun, TrainConfig, evaluating, freeze, namer_parameter_names, scaled_param_groups,
+from mmkit.train import (CELL_NAMER_AUG_FRACTION, CellNamerRun, TrainConfig, evaluating, freeze, namer_parameter_names, scaled_param_groups,
                          train, unwrap)
 from mmkit.train import train_cell_namer as train_namer
 
 __all__ = ["VQAConfig", "vqa_bank", "vqa_loss", "answer_batch", "score_candidates", "answer", "answer_heatmap",
            "evaluate_vqa", "evaluate_vqa_images", "VQARun", "finetune_vqa", "fit_answer_prior", "blind_eval",
-           "read_question", "CELL_NAMER_AUG_FRACTION", "namer_prefixes",
+           "read_question", "namer_prefixes",
            "train_cell_namer"]
 
 
@@ -278,9 +278,6 @@ def blind_eval(prior: AnswerPrior, ev: VQAEval) -> VQAEval:
 # ---------------------------------------------------------------------------------------------------------
 # Stage 0 of a vision_stem="cells" model: the cell namer
 # ---------------------------------------------------------------------------------------------------------
-
-CELL_NAMER_AUG_FRACTION = 0.5     # half of each namer batch from the drawn views (settings: mmkit.train.CELL_NAMER)
-
 
 def namer_prefixes(model) -> tuple[str, ...]:
     """Parameter names of the cell namer of a ``vision_stem="cells"`` mPLUG (its CNN and per-cell heads; the code

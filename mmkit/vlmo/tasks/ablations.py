@@ -34,7 +34,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from mmkit.config import build_model, load_config
-from mmkit.train import TrainConfig
+from mmkit.train import TrainConfig, evaluating
 from mmkit.vlmo.model import VLMo
 from mmkit.vlmo.tasks import pretrain as P
 from mmkit.vlmo.tasks import retrieval as R
@@ -88,9 +88,9 @@ class StageBudget:
     seed: int = 0
 
     def train_config(self, seed: int | None = None) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           min_lr_ratio=0.05, weight_decay=0.01, betas=(0.9, 0.98), mixed_precision="no",
-                           log_every=10 ** 6, progress_bar=False, seed=self.seed if seed is None else seed)
+        return TrainConfig(**dict(P.RECIPE_TRAIN[3], steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                                  warmup_steps=self.warmup_steps, log_every=10 ** 6, progress_bar=False,
+                                  seed=self.seed if seed is None else seed))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,16 +139,12 @@ def itm_auc(model, data: R.RetrievalData, tokenizer=None, seed: int = 0) -> floa
 def evaluate_arm(model, tokenizer, rdata: R.RetrievalData, n_pairs: int = 256, batch_size: int = 32) -> dict:
     """Held-out numbers of one arm: dual-encoder R@1/5/10 both ways, the stage-3 losses (global negatives for every
     arm, so Table 6's arms are scored alike), the ITM AUC probe."""
-    model.eval()
-    out = {}
-    r = R.evaluate_retrieval(model, rdata, tokenizer).dual
-    out.update({f"i2t_r{k}": float(v) for k, v in r.i2t.items()})
-    out.update({f"t2i_r{k}": float(v) for k, v in r.t2i.items()})
-    held = P.evaluate_pretraining(model, tokenizer, n=n_pairs, batch_size=batch_size)
-    out.update({k: float(v) for k, v in held.items()})
-    out["itm_auc"] = itm_auc(model, rdata, tokenizer)
-    model.train()
-    return out
+    with evaluating(model):
+        r = R.evaluate_retrieval(model, rdata, tokenizer).dual
+        held = P.evaluate_pretraining(model, tokenizer, n=n_pairs, batch_size=batch_size)
+        auc = itm_auc(model, rdata, tokenizer)
+    return {**{f"i2t_r{k}": float(v) for k, v in r.i2t.items()}, **{f"t2i_r{k}": float(v) for k, v in r.t2i.items()},
+            **{k: float(v) for k, v in held.items()}, "itm_auc": auc}
 
 
 def blind_baselines(n_retrieval: int, batch_size: int, pairs: P.PairData) -> dict:

@@ -45,7 +45,7 @@ from mmkit.data.text import answer_vocab
 from mmkit.data.vqa import VQASampler, eval_questions, normalise_question, question_language, read_question
 from mmkit.evaluation.vqa import VQAAnswer, VQAEval, pixel_saliency, score_answers, unit_heat
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import (CellNamerRun, TrainConfig, evaluating, freeze, namer_parameter_names, scaled_param_groups,
+from mmkit.train import (CELL_NAMER_AUG_FRACTION, CellNamerRun, TrainConfig, evaluating, freeze, namer_parameter_names, scaled_param_groups,
                          train, unwrap)
 from mmkit.train import train_cell_namer as train_namer
 
@@ -276,8 +276,8 @@ VQA_RELATION_TRAIN_FAST = dict(VQA_RELATION_TRAIN, steps=60, warmup_steps=5)
 RECIPE_RELATION = dict(focus_share=0.5)
 
 
-def train_cell_namer(model, bank: SceneBank, train_config: TrainConfig | None = None, aug_fraction: float = 0.5,
-                     test_bank: SceneBank | None = None) -> CellNamerRun:
+def train_cell_namer(model, bank: SceneBank, train_config: TrainConfig | None = None,
+                     aug_fraction: float = CELL_NAMER_AUG_FRACTION, test_bank: SceneBank | None = None) -> CellNamerRun:
     """Stage 0 of a ``visual_tokens="cells"`` VLMo (e.g. ``VLMoForVQA.from_pretrained_vlmo(pretrained,
     visual_tokens="cells")``): its cell namer learns which object each cell of ``bank``'s scenes holds; nothing else
     moves (:func:`mmkit.train.train_cell_namer`)."""
