@@ -46,7 +46,7 @@ from mmkit.tokenizer import decode_rows
 
 __all__ = [
     "MMKitGenerationConfig", "HFGenerationAdapter", "register_cached_forward", "DECODING", "decode_texts",
-    "language_token_mask", "first_token_language", "FirstTokenLanguage", "sample_next",
+    "language_token_mask", "first_token_language", "one_language", "FirstTokenLanguage", "sample_next",
 ]
 
 
@@ -267,6 +267,22 @@ def first_token_language(tok, langs: Sequence[str | None], vocab_size: int):
         if ids.shape[1]:
             return logits
         return logits.masked_fill(~masks.to(logits.device), float("-inf"))
+    return process
+
+
+def one_language(tok, langs: Sequence[str | None], vocab_size: int):
+    """A ``logits_processor(ids, logits)`` that keeps row ``b`` in ``langs[b]`` for the whole text: the first token
+    as :func:`first_token_language`, and no later token of the other language (shared tokens, punctuation and the
+    special ids stay allowed). For sampling, where a free run may start in one language and drift into the other."""
+    first = first_token_language(tok, langs, vocab_size)
+    other = {"en": "zh", "zh": "en"}
+    banned = torch.stack([language_token_mask(tok, other[lang], vocab_size) if lang
+                          else torch.zeros(vocab_size, dtype=torch.bool) for lang in langs])   # (B, V)
+
+    def process(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not ids.shape[1]:
+            return first(ids, logits)
+        return logits.masked_fill(banned.to(logits.device), float("-inf"))
     return process
 
 

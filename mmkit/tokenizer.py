@@ -32,7 +32,7 @@ import mmkit.registry as registry
 from mmkit.data import text_corpus
 from mmkit.hub import checkpoint_dir, read_json, verify_checkpoint
 
-__all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "SpecialIds", "KitTokenizer", "train_tokenizer", "train_world_tokenizer",
+__all__ = ["SPECIAL_TOKENS", "WORLD_TOKENIZER_NAME", "word_ids", "SpecialIds", "KitTokenizer", "train_tokenizer", "train_world_tokenizer",
            "load_tokenizer", "world_tokenizer", "pad_ids", "pad_texts", "decode", "decode_rows", "join_text",
            "add_image_code_tokens", "add_coordinate_tokens", "tokenizer_or_world"]
 
@@ -307,6 +307,16 @@ def world_tokenizer():
         if "tok" not in _WORLD:
             _WORLD["tok"] = load_tokenizer("world")
         return _WORLD["tok"]
+
+
+def word_ids(tok, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """The token ids of each word (e.g. label words a decoder reads, ``MPLUGClassifierConfig.label_ids``); a word the
+    tokenizer can only spell with [UNK] raises."""
+    out = tuple(tuple(tok.convert_tokens_to_ids(tok.tokenize(w))) for w in words)
+    bad = [w for w, ids in zip(words, out) if not ids or tok.unk_token_id in ids]
+    if bad:
+        raise ValueError(f"the tokenizer cannot spell {bad}: choose words in its vocabulary")
+    return out
 
 
 def tokenizer_or_world(tokenizer=None):

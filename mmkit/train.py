@@ -67,6 +67,7 @@ so accelerate's own FSDP / DeepSpeed code runs here exactly as it would on GPUs 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -101,7 +102,7 @@ __all__ = [
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
     "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half", "CELL_NAMER", "CELL_NAMER_FAST",
-    "CELL_NAMER_AUG_FRACTION", "CellNamerRun", "namer_parameter_names", "train_cell_namer",
+    "CELL_NAMER_AUG_FRACTION", "CellNamerRun", "namer_parameter_names", "cell_namers_fixed", "train_cell_namer",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -1195,6 +1196,28 @@ def namer_parameter_names(model: nn.Module, tokens: nn.Module) -> tuple[str, ...
     and per-cell heads. The code tables and cell vectors are not among them (they learn with the task)."""
     ids = {id(p) for p in tokens.namer_parameters()}
     return tuple(n for n, p in unwrap(model).named_parameters() if id(p) in ids)
+
+
+@contextlib.contextmanager
+def cell_namers_fixed(model: nn.Module) -> Iterator[tuple[str, ...]]:
+    """Inside the block, the namer (CNN + per-cell heads) of every :class:`mmkit.nn.CellTokens` in ``model`` has
+    ``requires_grad = False``; on exit each flag is as it was. Yields their names (empty for a model without cells).
+
+    Why: once stage 0 has taught the namer to name each cell's object, a downstream loss that reaches it rewrites
+    those names in a few hundred steps. Measured on NLVR2 from vlmo-tiny-vqa (1000 steps at 1e-3, namer not fixed):
+    the namer's per-cell colour / shape / size fell from 1.00 / 0.99 / 1.00 to 0.00, and the model stopped at its
+    text-only baseline (0.616 vs 0.597)."""
+    raw = unwrap(model)
+    ids = {id(p) for m in raw.modules() if hasattr(m, "namer_parameters") for p in m.namer_parameters()}
+    named = [(n, p) for n, p in raw.named_parameters() if id(p) in ids]
+    before = [p.requires_grad for _, p in named]
+    for _, p in named:
+        p.requires_grad_(False)
+    try:
+        yield tuple(n for n, _ in named)
+    finally:
+        for (_, p), flag in zip(named, before):
+            p.requires_grad_(flag)
 
 
 def train_cell_namer(model: nn.Module, tokens: nn.Module, bank, train_config: TrainConfig | None = None,

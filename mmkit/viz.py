@@ -153,12 +153,13 @@ def save_grid(images: Sequence[Image.Image], path: str | Path, **kwargs) -> Path
 
 def draw_boxes(img: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str] | None = None,
                scale: int = 4, colour: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    """``img`` enlarged ``scale`` times (nearest) with pixel boxes ``(x0, y0, x1, y1)`` and optional labels."""
+    """``img`` enlarged ``scale`` times (nearest) with pixel boxes ``(x0, y0, x1, y1)`` and optional labels. A box
+    whose corners come in the wrong order (a model's guess) is drawn between them all the same."""
     big = img.convert("RGB").resize((img.width * scale, img.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(big)
     for i, box in enumerate(boxes):
-        x0, y0, x1, y1 = (v * scale for v in box)
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=max(1, scale // 2))
+        (x0, x1), (y0, y1) = sorted((box[0] * scale, box[2] * scale)), sorted((box[1] * scale, box[3] * scale))
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=max(1, scale // 2))
         if labels:
             draw_text(draw, (x0 + 2, max(0, y0 - 14)), labels[i], 12, fill=colour)
     return big

@@ -9,7 +9,7 @@ import mmkit
 from mmkit.config import load_config, replace_config
 from mmkit.data.vqa import VQASampler
 from mmkit.data.world import object_labels
-from mmkit.mplug.model import fusion_plan
+from mmkit.mplug.model import MPLUGForClassification, fusion_plan
 from mmkit.mplug.tasks import anatomy as A
 from mmkit.mplug.tasks.vqa import VQAConfig, vqa_bank, vqa_loss
 
@@ -98,7 +98,7 @@ def test_wrong_batches_are_refused_clearly(vqa, batch):
     with pytest.raises(ValueError, match=r"\(B, 3, S, S\)"):
         A.forward_walk(vqa, dict(batch, images=batch["images"][0]))
     with pytest.raises(ValueError, match="decoder"):
-        A.forward_walk(mmkit.build_model("mplug-tiny-snli-ve"), batch)
+        A.forward_walk(MPLUGForClassification.from_pretrained_mplug(mmkit.build_model("mplug-tiny"), 3), batch)
 
 
 def test_patch_probe_reads_colour_from_frozen_patch_tokens_above_the_majority(vqa):

@@ -2,8 +2,9 @@
 the recipe's own measurements), inside the size budget, and the VQA model's held-out accuracy per question type and
 language on world scenes, on pictures drawn by the tests (not the world's renderer), and served by apps/vqa.py.
 
-No training here: every number comes from the shipped weights. Floors are "blind baseline + margin", the blind
-baseline computed in the test on the very questions asked (tests/_blind.py)."""
+VQA numbers come from the shipped weights (no training); the downstream tasks that start from mplug-tiny-vqa
+(captioning, grounding, SNLI-VE) fine-tune it briefly here. Floors are "blind baseline + margin", the blind baseline
+computed in the test on the very items asked (tests/_blind.py; the text-only LabelPrior; the centre box)."""
 from __future__ import annotations
 
 import json
@@ -108,3 +109,77 @@ def test_vqa_drawn_pictures(vqa, prior):
     with pytest.raises(AssertionError):
         _floors(blind, blind, DRAWN_MARGIN_OVER_BLIND)
     assert ev.accuracy >= TARGET["drawn"], ev.accuracy
+
+
+# --- downstream tasks fine-tuned briefly from the shipped VQA model (§5.2.2-5.2.5) --------------------------------
+# Short runs (the recipes run longer: notebook 08 section 10 and the recipes' tuning notes). Measured at these budgets:
+DOWNSTREAM_MARGIN = {"grounding": 0.4, "snli_ve": 0.08, "caption_cider": 1.0}
+GROUNDING_STEPS, SNLI_STEPS, CAPTION_STEPS = 400, 120, 100
+
+
+def _quick(steps: int, batch: int, lr: float):
+    from mmkit.train import TrainConfig
+    return TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 10), min_lr_ratio=0.5,
+                       weight_decay=0.02, mixed_precision="no", log_every=25, seed=0, progress_bar=False)
+
+
+def test_grounding_from_the_vqa_model_beats_the_centre_box(vqa):
+    """§5.2.4: the decoder writes four coordinate tokens; Acc@IoU 0.5 against the centre-of-image box of mean size."""
+    from mmkit.mplug.tasks import grounding as G
+    model = hub.load("mplug-tiny-vqa").train()
+    tok, first = G.coordinate_tokenizer(33)
+    torch.manual_seed(0)
+    G.finetune_grounding(model, tok, first, 33, _quick(GROUNDING_STEPS, 32, 1e-3), n_train=2000, lang="both")
+    ev = G.evaluate_grounding(model.eval(), tok, first, 33, "test", 200, lang="en")
+    print(f"grounding after {GROUNDING_STEPS} steps: Acc@IoU0.5 {ev.accuracy:.3f}, centre box {ev.baseline:.3f}, "
+          f"mean IoU {ev.mean_iou:.3f}")
+    assert ev.accuracy >= ev.baseline + DOWNSTREAM_MARGIN["grounding"]
+
+
+def test_snli_ve_read_by_the_decoder_beats_the_text_only_prior():
+    """§5.2.5 with the labels read as answer words (yes / maybe / no) by the VQA model's decoder. The text-only prior
+    knows every neutral hypothesis from its words, so it sits far above the majority label; the image must add more."""
+    from mmkit.config import load_config
+    from mmkit.data.datasets import EntailmentDataset
+    from mmkit.evaluation.vqa import LabelPrior
+    from mmkit.mplug.model import MPLUGForClassification
+    from mmkit.mplug.tasks import classify as K
+    cfg = load_config("mplug-tiny-snli-ve")
+    model = MPLUGForClassification.from_pretrained_mplug(hub.load("mplug-tiny-vqa"), 3, read_with=cfg.read_with,
+                                                         label_ids=cfg.label_ids)
+    train_set = EntailmentDataset("train", 2000, lang="both", image_size=64, cache_images=True)
+    torch.manual_seed(0)
+    K.finetune_classifier(model.train(), train_set, _quick(SNLI_STEPS, 32, 5e-4))
+    ev = K.evaluate_classifier(model.eval(), EntailmentDataset("test", 300, lang="both", image_size=64),
+                               prior=LabelPrior.of_dataset(train_set))
+    print(f"SNLI-VE after {SNLI_STEPS} steps: {ev.accuracy:.3f}, text-only prior {ev.blind:.3f}, majority "
+          f"{ev.majority:.3f}; per kind {ev.per_kind}")
+    assert ev.blind >= ev.majority + 0.2 and ev.accuracy >= ev.blind + DOWNSTREAM_MARGIN["snli_ve"]
+
+
+def test_captioning_from_the_vqa_model_learns_to_describe_the_scene():
+    """§5.2.2: cross-entropy on the world's captions; CIDEr-D (beam 3) on held-out scenes against the VQA model's own
+    captions before (it answers questions: "yes", "一个")."""
+    from mmkit.data.scenes import SceneBank
+    from mmkit.mplug.tasks import captioning as C
+    model = hub.load("mplug-tiny-vqa").train()
+    before = C.evaluate_captioning(model, "test", 32).scores
+    C.finetune_captioning(model, SceneBank.build("train", 1000, image_size=64, start=200_000),
+                          _quick(CAPTION_STEPS, 32, 5e-4), None)
+    after = C.evaluate_captioning(model, "test", 32).scores
+    print(f"captions after {CAPTION_STEPS} CE steps: CIDEr-D {before.cider:.3f} -> {after.cider:.3f}, BLEU-4 "
+          f"{before.bleu4:.3f} -> {after.bleu4:.3f}")
+    assert after.cider >= before.cider + DOWNSTREAM_MARGIN["caption_cider"]
+
+
+def test_the_shipped_stride_sweep_trained_every_arm_above_the_answer_prior():
+    """Figure 3 on the world (mplug-tiny-stride-sweep): four strides, each a fresh fusion network fine-tuned for VQA with
+    the same budget, scored on the same held-out questions; every arm well above the answer prior of those questions,
+    and more connected layers mean more fusion parameters."""
+    sweep = hub.load("mplug-tiny-stride-sweep")
+    assert sweep["strides"] == [1, 2, 3, 6] and set(sweep["runs"]) == {"1", "2", "3", "6"}
+    for s, r in sweep["runs"].items():
+        assert r["plan"].count("connected") == 6 // int(s) and len(r["plan"]) == 6 + 6 // int(s)
+        assert r["accuracy"] >= sweep["blind_accuracy"] + 0.3, (s, r["accuracy"], sweep["blind_accuracy"])
+    params = [sweep["runs"][s]["params"] for s in ("1", "2", "3", "6")]
+    assert params == sorted(params, reverse=True)

@@ -117,6 +117,31 @@ def test_cells_front_end_replaces_only_the_image_front_end_and_its_namer_trains_
     assert heat.shape == (S, S) and float(heat.max()) == pytest.approx(1.0)
 
 
+def test_every_downstream_fine_tune_keeps_a_cells_models_namer_fixed(bank, tok):
+    """Captioning (CE and SCST), grounding and the SNLI-VE / NLVR2 classifiers started from a cells model (as
+    mplug-tiny-vqa) train everything but the namer of stage 0, which stays bit-identical; the flags come back."""
+    cells = micro(vision_stem="conv", vision_stem_channels=(8, 16)).with_config(vision_stem="cells",
+                                                                                 momentum_encoders=False)
+    quick = TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup_steps=1, mixed_precision="no", progress_bar=False)
+    grounding_tok, first = G.coordinate_tokenizer(S + 1)
+
+    def check(model, fine_tune):
+        prefixes = Q.namer_prefixes(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fine_tune(model.train())
+        now = model.state_dict()
+        moved = {k for k in before if not torch.equal(before[k], now[k])}
+        assert moved and not any(k.startswith(prefixes) for k in moved), moved
+        assert all(p.requires_grad for p in model.parameters())
+
+    check(cells, lambda m: C.finetune_captioning(m, bank, quick, quick, C.SCSTConfig(n_samples=2, baseline="mean",
+                                                                                      max_new_tokens=6), tokenizer=tok))
+    check(cells, lambda m: G.finetune_grounding(m, grounding_tok, first, S + 1, quick, n_train=4))
+    for labels, images, data in ((3, 1, EntailmentDataset), (2, 2, PairDataset)):
+        clf = MPLUGForClassification.from_pretrained_mplug(cells, labels, images)
+        check(clf, lambda m: K.finetune_classifier(m, data("train", 4, image_size=S), quick, tok))
+
+
 def test_relation_questions_are_read_in_one_direction_per_axis():
     assert Q.read_question("Is the red circle right of the blue square") == "is the blue square left of the red circle?"
     assert Q.read_question("what colour is the circle?") == "what colour is the circle?"
@@ -167,6 +192,31 @@ def test_scst_rewards_and_loss(bank, tok):
     assert metrics["advantage"] == pytest.approx(metrics["reward"] - metrics["baseline"], abs=1e-6)
     loss.backward()
     assert m.decoder.head.dense.weight.grad is not None or metrics["advantage"] == 0
+    # Luo 2020's baseline: each sample against the mean of its image's other samples, so the advantages of one image
+    # sum to zero: (r1 - r2) + (r2 - r1) = 0 for two samples
+    mean = C.SCSTConfig(n_samples=2, baseline="mean", max_new_tokens=8)
+    _, mm = C.scst_loss(m, batch, mean, tok, generator=torch.Generator().manual_seed(0))
+    assert mm["advantage"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        C.SCSTConfig(baseline="mean")
+    with pytest.raises(ValueError, match="'greedy' or 'mean'"):
+        C.SCSTConfig(baseline="best")
+
+
+def test_sampled_captions_keep_one_language(bank, tok):
+    """one_language: the first token in the row's language and no token of the other language after it (a sample
+    at temperature 1 from an untrained model otherwise mixes them)."""
+    from mmkit.generation import language_token_mask, one_language
+    m = micro(3)
+    langs = ["en", "zh"] * 4
+    ids = torch.full((8, 1), tok.cls_token_id)
+    out = m.generate(bank.images([0, 1] * 4), ids, 12, do_sample=True, temperature=1.5,
+                     generator=torch.Generator().manual_seed(0),
+                     logits_processor=one_language(tok, langs, m.config.vocab_size)).sequences
+    en, zh = (language_token_mask(tok, lg, m.config.vocab_size) for lg in ("en", "zh"))
+    for row, lang in zip(out.tolist(), langs):
+        own, other = (en, zh) if lang == "en" else (zh, en)
+        assert own[row[0]] and not any(other[t] for t in row), (lang, tok.convert_ids_to_tokens(row))
 
 
 # --- retrieval (§5.2.3) --------------------------------------------------------------------------------------------
@@ -243,10 +293,66 @@ def test_snli_ve_and_nlvr2_heads_learn_a_small_set(tok):
     fit(nlvr, lambda mm: K.classification_loss(mm, pairs), 80)
     assert torch.equal(K.predict_labels(nlvr, pairs), pairs["label"])
     assert nlvr.image_slots.abs().sum() > 0                             # the slot embeddings learned something
-    ev = K.evaluate_classifier(ve, EntailmentDataset("test", 9, image_size=S), tok)
+    from mmkit.evaluation.vqa import LabelPrior
+    ev = K.evaluate_classifier(ve, EntailmentDataset("test", 9, image_size=S), tok,
+                               prior=LabelPrior.of_dataset(EntailmentDataset("train", 30, image_size=S)))
+    assert 0 <= ev.blind <= 1 and set(ev.blind_per_kind) == set(ev.per_kind)
     assert ev.n == 9 and 0 <= ev.accuracy <= 1 and ev.majority >= 1 / 3 and set(ev.per_kind) <= {
         "exists", "material", "product", "size", "weight", "count", "colour", "shape", "position", "relation"} | set(
         ev.per_kind)
+
+
+def test_labels_read_by_the_decoder_are_the_label_words_log_likelihoods(tok):
+    """read_with="answer_words": logit_k = log P(word_k [EOS] | [v; l]) from the kept decoder, equal to scoring each
+    word as a VQA answer (Q.score_candidates); it learns a small set; bad settings are refused."""
+    from mmkit.mplug.model import MPLUGClassifierConfig, SNLI_VE_WORDS
+    from mmkit.tokenizer import word_ids
+    base = micro(4)
+    ids = word_ids(tok, SNLI_VE_WORDS)
+    ve = MPLUGForClassification.from_pretrained_mplug(base, 3, read_with="answer_words", label_ids=ids).eval()
+    assert ve.classifier is None and ve.decoder is not None and ve.config.label_ids == ids
+    assert torch.equal(ve.decoder.state_dict()["blocks.0.self_attn.q_proj.weight"],
+                       base.decoder.state_dict()["blocks.0.self_attn.q_proj.weight"])          # the decoder copied
+    items = [EntailmentDataset("train", 4, image_size=S)[i] for i in range(4)]
+    batch = K.classification_collate(tok)(items)
+    with torch.no_grad():
+        logits = ve.classify(batch["image"], batch["input_ids"], batch["attention_mask"])
+    ref = Q.score_candidates(base, batch["image"], [x["hypothesis"] for x in items], [SNLI_VE_WORDS] * 4, tok)
+    torch.testing.assert_close(logits, torch.stack(ref), atol=1e-5, rtol=1e-5)
+    assert bool((logits < 0).all())                                                  # log-probabilities
+    fit(ve, lambda mm: K.classification_loss(mm, batch), 300, lr=1e-3)
+    assert torch.equal(K.predict_labels(ve, batch), batch["label"])
+    for bad, match in ((dict(read_with="answer_words", label_ids=ids[:2]), "one non-empty token-id sequence"),
+                       (dict(read_with="answer_words", label_ids=ids, decoder_layers=0), "keep decoder_layers >= 1"),
+                       (dict(read_with="answer_words", label_ids=ids, num_images=2), "reads one image"),
+                       (dict(read_with="decoder_state", label_ids=ids), "only with read_with='answer_words'"),
+                       (dict(read_with="pooled"), "must be 'cls', 'answer_words' or 'decoder_state'")):
+        with pytest.raises(ValueError, match=match):
+            MPLUGClassifierConfig(**{**MICRO, "num_labels": 3, **bad})
+    with pytest.raises(ValueError, match="cannot spell"):
+        word_ids(tok, ("yes", "不知道"))
+
+
+def test_nlvr2_reads_the_decoder_state_of_one_pass_per_image(tok):
+    """read_with="decoder_state": the statement fused with each image alone, the decoder's [BOS] state of each pass
+    concatenated, an MLP: equal to composing the pieces by hand; left and right are not interchangeable; it learns a
+    small set."""
+    base = micro(5)
+    nlvr = MPLUGForClassification.from_pretrained_mplug(base, 2, 2, read_with="decoder_state").eval()
+    assert nlvr.image_slots is None and nlvr.classifier.fc1.in_features == 2 * MICRO["d_model"]
+    pairs = K.classification_collate(tok)([PairDataset("train", 6, image_size=S)[i] for i in range(6)])
+    imgs, ids, mask = pairs["images"], pairs["input_ids"], pairs["attention_mask"]
+    with torch.no_grad():
+        logits = nlvr.classify(imgs, ids, mask)
+        bos = torch.full((6, 1), base.config.bos_token_id)
+        by_hand = []
+        for j in range(2):
+            ctx = base.context(imgs[:, j], ids, mask)                                # the copied weights: same pass
+            by_hand.append(base.decoder(bos, ctx.states, ctx.mask, return_hidden=True)[:, 0])
+        torch.testing.assert_close(logits, nlvr.classifier(torch.cat(by_hand, -1)), atol=1e-5, rtol=1e-5)
+        assert (nlvr.classify(imgs.flip(1), ids, mask) - logits).abs().max() > 1e-6
+    fit(nlvr, lambda mm: K.classification_loss(mm, pairs), 150, lr=1e-3)
+    assert torch.equal(K.predict_labels(nlvr, pairs), pairs["label"])
 
 
 # --- clips and zero-shot video (§5.4.2) ----------------------------------------------------------------------------

@@ -144,3 +144,15 @@ def test_use_cjk_font_draws_chinese_without_missing_glyph_warnings():
         fig.canvas.draw()
     assert not [w for w in caught if "missing from" in str(w.message)], [str(w.message) for w in caught]
     plt.rcParams["font.family"] = ["sans-serif"]                  # leave the other tests' figures as they were
+
+
+def test_draw_boxes_draws_a_box_whose_corners_come_in_any_order():
+    """A grounding model's guess may write x1 < x0 or an empty box; the drawing must not crash (notebook 08)."""
+    from PIL import Image
+
+    from mmkit.viz import draw_boxes
+    img = Image.new("RGB", (16, 16), "white")
+    a = draw_boxes(img, [(2, 3, 10, 12)], colour=(255, 0, 0))
+    b = draw_boxes(img, [(10, 12, 2, 3)], colour=(255, 0, 0))
+    assert a.size == (64, 64) and list(a.getdata()) == list(b.getdata())
+    assert draw_boxes(img, [(5, 5, 5, 5)]).size == (64, 64)

@@ -37,8 +37,9 @@ def test_recipes_chain_the_stages():
     assert needs["vlmo-tiny-stage1"] == ("vqgan-world",)                  # MIM targets: the kit's VQGAN codes
     assert needs["vlmo-tiny-stage2"] == ("vlmo-tiny-stage1",)
     assert needs["vlmo-tiny-pretrained"] == ("vlmo-tiny-stage2",)
-    for down in ("vlmo-tiny-retrieval", "vlmo-tiny-vqa", "vlmo-tiny-nlvr2", "vlmo-tiny-image-cls"):
+    for down in ("vlmo-tiny-retrieval", "vlmo-tiny-vqa", "vlmo-tiny-image-cls"):
         assert needs[down] == ("vlmo-tiny-pretrained",)
+    assert needs["vlmo-tiny-nlvr2"] == ("vlmo-tiny-vqa",)               # its fusion already reads the cell tokens
 
 
 def test_shipped_checkpoints_carry_hashes_metrics_and_fit_the_budget():
@@ -138,3 +139,29 @@ def test_vqa_on_pictures_drawn_outside_the_renderer():
     with pytest.raises(AssertionError):
         _vqa_floors(blind, blind, DRAWN_MARGIN, "blind")
     assert ev.accuracy >= TARGET["drawn"], ev.accuracy
+
+
+# NLVR2 from the shipped VQA model, a shorter run here than the recipe's (1200 steps of 64 on 8000 pairs: 0.875 on 1000
+# held-out pairs against the text-only prior's 0.607). Measured at this budget (400 steps of 64 on 4000 pairs, ~200
+# CPU-s): 0.785 against the prior's 0.597. Shorter runs stay near the prior: 150 steps of 32 0.590 vs 0.600, 300 of 32
+# 0.632 vs 0.600 (with the layer-scale gains at 30x the LR 0.642 vs 0.582): the head and fusion first fit the words.
+NLVR2_STEPS, NLVR2_BATCH, NLVR2_PAIRS, NLVR2_MARGIN = 400, 64, 4000, 0.10
+
+
+def test_nlvr2_from_the_vqa_model_beats_the_text_only_prior_of_the_same_pairs():
+    """VLMo §4.3 on the world: two fusion passes of the statement (one per image), the pooled [T_CLS] concatenated, a
+    classifier. The blind baseline is the most frequent label of each exact statement in the training pairs
+    (LabelPrior): it never sees an image and beats 0.5, because a statement's wording says how likely it is."""
+    from mmkit.train import TrainConfig
+    from mmkit.vlmo.model import VLMoForNLVR2
+    from mmkit.vlmo.tasks import nlvr2 as N
+    model = VLMoForNLVR2.from_pretrained_vlmo(hub.load("vlmo-tiny-vqa")).train()
+    tcfg = TrainConfig(**dict(N.NLVR2_TRAIN, steps=NLVR2_STEPS, batch_size=NLVR2_BATCH, warmup_steps=NLVR2_STEPS // 10,
+                              progress_bar=False))
+    torch.manual_seed(0)
+    run = N.finetune_nlvr2(model, train_config=tcfg, train_data=N.pair_dataset("train", NLVR2_PAIRS, image_size=64),
+                           eval_data=N.pair_dataset("test", 400, image_size=64))
+    ev = run.eval
+    print(f"NLVR2 after {NLVR2_STEPS} steps of {NLVR2_BATCH}: {ev.accuracy:.3f} on {ev.n} held-out pairs, text-only "
+          f"prior {ev.blind:.3f}, majority {ev.majority:.3f}; per kind {ev.per_kind}")
+    assert ev.accuracy >= ev.blind + NLVR2_MARGIN and ev.blind >= ev.majority

@@ -284,8 +284,35 @@ def test_nlvr2_fuses_the_statement_with_each_image_and_classifies_the_pair(tok):
                                eval_data=nlvr2.pair_dataset("test", 6, image_size=16), tokenizer=tok)
     ev = run.eval
     assert ev.n == 6 and 0 <= ev.accuracy <= 1 and sum(ev.per_lang.values()) > 0 and 0.5 <= ev.majority <= 1
+    assert 0 <= ev.blind <= 1 and set(ev.blind_per_kind) == set(ev.per_kind)      # the text-only prior, same items
     with pytest.raises(ValueError, match="VLMoForNLVR2"):
         nlvr2.nlvr2_loss(pretrained(), batch)
+
+
+def test_nlvr2_from_a_cells_model_keeps_its_namer_fixed(tok):
+    """vlmo-tiny-nlvr2 starts from the cells VQA model: the namer of stage 0 stays bit-identical (measured without
+    that: 1000 steps erased it, per-cell accuracy 1.00 -> 0.00, and NLVR2 stopped at its text-only prior)."""
+    model = VLMoForNLVR2.from_pretrained_vlmo(pretrained(), visual_tokens="cells")
+    namer = set(mmkit.train.namer_parameter_names(model, model.image_embed.patch))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nlvr2.finetune_nlvr2(model, train_config=quick(3, batch=4, lr=1e-2), train_data=nlvr2.pair_dataset(
+        "train", 8, image_size=16), eval_data=nlvr2.pair_dataset("test", 0, image_size=16), tokenizer=tok)
+    now = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], now[k])}
+    assert namer and moved and not moved & namer, moved & namer
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_text_only_prior_takes_the_most_frequent_label_of_each_text_then_of_its_kind():
+    from mmkit.evaluation.vqa import LabelPrior
+    items = [{"statement": s, "label": y, "kind": k, "lang": "en"} for s, y, k in
+             (("a", 1, "x"), ("a", 1, "x"), ("a", 0, "x"), ("b", 0, "x"), ("c", 0, "y"), ("c", 0, "y"))]
+    prior = LabelPrior.fit(items, "statement")
+    # "a" -> 1 (2 of its 3); "b" -> 0; an unseen text of kind y -> y's most frequent, 0; of an unknown kind -> the
+    # most frequent label overall, 0 (4 of 6)
+    assert prior.labels(["a", "b", "z", "z"], ["x", "x", "y", "q"], ["en"] * 4) == [1, 0, 0, 0]
+    with pytest.raises(ValueError, match="PairDataset or EntailmentDataset"):
+        LabelPrior.of_dataset([{"caption": "x"}])
 
 
 # --- the vision path alone (VLMo §4.5) ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from mmkit.data.scenes import sample_scenes
 from mmkit.data.text import QTYPES, answer_vocab, questions
 from mmkit.data.vqa import eval_questions
 
-__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "world_answer_prior", "prior_eval",
+__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "LabelPrior", "world_answer_prior", "prior_eval",
            "ranked_answer", "pixel_saliency", "unit_heat", "by_object_count"]
 
 
@@ -124,6 +124,32 @@ class AnswerPrior:
         if question in self.by_question:
             return self.by_question[question]
         return self.by_type.get((qtype, lang), self.overall)
+
+
+class LabelPrior(NamedTuple):
+    """The blind baseline of a labelled text + image task (NLVR2 statements, SNLI-VE hypotheses): an
+    :class:`AnswerPrior` over (text, label) pairs of a training set. ``labels(texts, kinds, langs)`` -> the labels it
+    predicts without looking at an image (the most frequent label of the exact text, else of its kind and language)."""
+    prior: AnswerPrior
+
+    @classmethod
+    def fit(cls, items: Sequence[dict], text_key: str) -> "LabelPrior":
+        """``items``: dataset items with ``text_key`` (e.g. "statement"), "label", "kind" and "lang"."""
+        return cls(AnswerPrior.fit([x[text_key] for x in items], [str(int(x["label"])) for x in items],
+                                   [x["kind"] for x in items], [x["lang"] for x in items]))
+
+    @classmethod
+    def of_dataset(cls, train_data) -> "LabelPrior":
+        """Fitted on every item of a train PairDataset (statements) or EntailmentDataset (hypotheses)."""
+        items = [train_data[i] for i in range(len(train_data))]
+        key = next((k for k in ("statement", "hypothesis") if k in items[0]), None) if items else None
+        if key is None:
+            raise ValueError("LabelPrior.of_dataset needs a non-empty PairDataset or EntailmentDataset (items with a "
+                             "'statement' or 'hypothesis')")
+        return cls.fit(items, key)
+
+    def labels(self, texts: Sequence[str], kinds: Sequence[str], langs: Sequence[str]) -> list[int]:
+        return [int(self.prior(t, k, lg)) for t, k, lg in zip(texts, kinds, langs)]
 
 
 def world_answer_prior(n_scenes: int = 2000, draws: int = 4, seed: int = 0) -> AnswerPrior:

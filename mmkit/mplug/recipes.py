@@ -5,12 +5,16 @@ once and caches it).
                             stage (the stand-in for CLIP-ViT) and an ITC-only stage                      from scratch
     mplug-tiny-vqa          §5.2.1 VQA as open-vocabulary answer generation, EN + ZH, drawn-style views; the image
                             read as one code token per world cell (a cell namer trained first)  <- mplug-tiny-pretrained
-    mplug-tiny-caption      §5.2.2 / §7.1 captioning: cross-entropy, then CIDEr optimisation (SCST)
-                                                                                          <- mplug-tiny-pretrained
-    mplug-tiny-retrieval    §5.2.3 ITC + ITM fine-tuning; ITC top-k reranked by ITM        <- mplug-tiny-pretrained
-    mplug-tiny-grounding    §5.2.4 boxes as coordinate tokens written by the decoder        <- mplug-tiny-pretrained
-    mplug-tiny-snli-ve      §5.2.5 SNLI-VE on the fused [CLS], no decoder                   <- mplug-tiny-pretrained
-    mplug-tiny-nlvr2        §5.2.5 NLVR2, two images' tokens concatenated                   <- mplug-tiny-pretrained
+    mplug-tiny-caption      §5.2.2 / §7.1 captioning: cross-entropy, then CIDEr optimisation (SCST)  <- mplug-tiny-vqa
+    mplug-tiny-retrieval    §5.2.3 ITC + ITM fine-tuning; ITC top-k reranked by ITM        <- mplug-tiny-vqa
+    mplug-tiny-grounding    §5.2.4 boxes as coordinate tokens written by the decoder        <- mplug-tiny-vqa
+    mplug-tiny-snli-ve      §5.2.5 SNLI-VE, the label read by the decoder as an answer word <- mplug-tiny-vqa
+    mplug-tiny-nlvr2        §5.2.5 NLVR2, the decoder's [BOS] state of one pass per image   <- mplug-tiny-vqa
+
+Why the generation and reasoning tasks start from mplug-tiny-vqa and not from mplug-tiny-pretrained: the world is read
+through one code token per cell (issue 14; notebook 08 §4), and mplug-tiny-vqa is the model whose fusion and decoder
+have learned to read those codes. Each of these fine-tunes keeps its cell namer fixed
+(:func:`mmkit.train.cell_namers_fixed`; without that, 1000 NLVR2 steps erased VLMo's namer).
 
 Each recipe writes ``model.safetensors`` + ``config.json`` (+ trainer state) into the folder it is given and returns
 the metrics it measured (:func:`mmkit.hub.run_recipe` stores them in ``recipe.json``). Checkpoints are stored without
@@ -32,6 +36,7 @@ import mmkit.hub as hub
 from mmkit.config import build_model, load_config
 from mmkit.data.datasets import EntailmentDataset, PairDataset
 from mmkit.data.scenes import SceneBank
+from mmkit.evaluation.vqa import LabelPrior
 from mmkit.mplug.model import MPLUGForClassification
 from mmkit.mplug.tasks.captioning import SCSTConfig, evaluate_captioning, finetune_captioning
 from mmkit.mplug.tasks.classify import evaluate_classifier, finetune_classifier
@@ -41,11 +46,12 @@ from mmkit.mplug.tasks.pretrain import PretrainConfig, PretrainData, StageConfig
 from mmkit.mplug.tasks.retrieval import evaluate_retrieval, finetune_retrieval
 from mmkit.mplug.tasks.vqa import (VQAConfig, blind_eval, evaluate_vqa, finetune_vqa, fit_answer_prior,
                                    train_cell_namer, vqa_bank)
+from mmkit.io import atomic_write_json
 from mmkit.registry import recipe, register_loader
 from mmkit.train import CELL_NAMER, CELL_NAMER_FAST, TrainConfig, rounded_to_half, save_checkpoint
 
 __all__ = ["PRETRAIN", "PRETRAIN_FAST", "VQA", "VQA_FAST", "CAPTION", "CAPTION_FAST", "RETRIEVAL", "RETRIEVAL_FAST",
-           "GROUNDING", "GROUNDING_FAST", "CLASSIFY", "CLASSIFY_FAST", "save_half",
+           "GROUNDING", "GROUNDING_FAST", "CLASSIFY", "CLASSIFY_FAST", "classify_settings", "save_half",
            "train_mplug_tiny_pretrained", "train_mplug_tiny_vqa", "train_mplug_tiny_caption",
            "train_mplug_tiny_retrieval", "train_mplug_tiny_grounding", "train_mplug_tiny_snli_ve",
            "train_mplug_tiny_nlvr2", "SWEEP", "SWEEP_FAST", "sweep_model", "train_mplug_tiny_stride_sweep"]
@@ -229,17 +235,22 @@ def train_mplug_tiny_vqa(out_dir: Path, fast: bool) -> dict:
 # mplug-tiny-caption: cross-entropy, then CIDEr optimisation (§7.1)
 # ---------------------------------------------------------------------------------------------------------
 
+# Tuning notes (96 held-out scenes, EN / ZH alternating, beam 3; 1 thread). From mplug-tiny-vqa (its decoder answers
+# questions; no captions yet: CIDEr 0.16). 150 CE steps: CIDEr 1.93; 500: 3.08 (BLEU-4 0.87, greedy 2.54). SCST with
+# Rennie et al.'s greedy baseline (1 sample, lr 5e-5): samples at temperature 1 score below the greedy caption, nearly
+# every advantage is negative, and within 120 steps the captioner wrote "right right right ..." (CIDEr 0.005); with the
+# mean of 5 samples as the baseline (Luo 2020) the advantages are centred and the rewards rise.
 CAPTION = dict(
     n_scenes=4000,
-    ce=dict(steps=150, batch_size=64, lr=5e-4, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.02,
+    ce=dict(steps=500, batch_size=64, lr=5e-4, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.02,
             mixed_precision="no", log_every=25, seed=0, progress_bar=False),
-    scst=dict(steps=120, batch_size=32, lr=5e-5, warmup_steps=10, min_lr_ratio=1.0, weight_decay=0.0,
+    scst=dict(steps=100, batch_size=16, lr=5e-5, warmup_steps=10, min_lr_ratio=1.0, weight_decay=0.0,
               mixed_precision="no", log_every=10, seed=1, progress_bar=False),
-    sampling=dict(n_samples=1, temperature=1.0),
+    sampling=dict(n_samples=5, baseline="mean", temperature=1.0),
     n_eval=96, num_beams=3,
 )
 CAPTION_FAST = dict(CAPTION, n_scenes=600, ce=dict(CAPTION["ce"], steps=20, warmup_steps=5),
-                    scst=dict(CAPTION["scst"], steps=10, warmup_steps=2), n_eval=32)
+                    scst=dict(CAPTION["scst"], steps=6, warmup_steps=2, batch_size=4), n_eval=16)
 
 
 def _caption_metrics(prefix: str, ev) -> dict:
@@ -249,13 +260,13 @@ def _caption_metrics(prefix: str, ev) -> dict:
 
 
 @recipe("mplug-tiny-caption", "mPLUG tiny captioner (mPLUG §7.1): cross-entropy, then self-critical sequence training "
-        "with a CIDEr-D reward; beam search", config="mplug-tiny", needs=("mplug-tiny-pretrained",))
+        "with a CIDEr-D reward; beam search", config="mplug-tiny-cells", needs=("mplug-tiny-vqa",))
 def train_mplug_tiny_caption(out_dir: Path, fast: bool) -> dict:
     r = CAPTION_FAST if fast else CAPTION
     c0, t0 = time.process_time(), time.perf_counter()
-    model = hub.load("mplug-tiny-pretrained").train()
+    model = hub.load("mplug-tiny-vqa").train()
     n, beams = r["n_eval"], r["num_beams"]
-    metrics = _caption_metrics("pretrained_beam", evaluate_captioning(model, "test", n, num_beams=beams))
+    metrics = _caption_metrics("start_beam", evaluate_captioning(model, "test", n, num_beams=beams))
     bank = SceneBank.build("train", r["n_scenes"], image_size=model.config.image_size, start=200_000)
     ce_cfg, scst_cfg = TrainConfig(**r["ce"]), TrainConfig(**r["scst"])
     run = finetune_captioning(model, bank, ce_cfg, None)
@@ -283,6 +294,10 @@ def train_mplug_tiny_caption(out_dir: Path, fast: bool) -> dict:
 # mplug-tiny-retrieval: ITC + ITM fine-tuning (§5.2.3)
 # ---------------------------------------------------------------------------------------------------------
 
+# Tuning notes (100 held-out scenes, one caption each, k = 16; chance R@1 0.01). Zero-shot after pretraining (patches):
+# ITC R@10 0.19 / 0.18 (i2t / t2i), reranked R@1 0.02 / 0.01. From mplug-tiny-vqa (its ITC / ITM heads were trained on
+# patches, so zero-shot it is at chance: R@10 0.09 / 0.05), 200 steps of ITC + ITM (190 CPU-s): ITC R@10 0.21 / 0.30;
+# reranked by ITM R@1 0.29 / 0.42 and R@10 0.32 / 0.47 (ITM learns fast; ITC, with momentum queues, slowly).
 RETRIEVAL = dict(
     data=dict(n_pairs=6000, image_size=64, lang="both", start=300_000),
     train=dict(steps=200, batch_size=64, lr=5e-4, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.02,
@@ -294,13 +309,12 @@ RETRIEVAL_FAST = dict(RETRIEVAL, data=dict(RETRIEVAL["data"], n_pairs=800), trai
 
 
 @recipe("mplug-tiny-retrieval", "mPLUG tiny fine-tuned for image-text retrieval with ITC + ITM (mPLUG §5.2.3): ITC "
-        "top-k reranked by ITM", config="mplug-tiny", needs=("mplug-tiny-pretrained",))
+        "top-k reranked by ITM", config="mplug-tiny-cells", needs=("mplug-tiny-pretrained", "mplug-tiny-vqa"))
 def train_mplug_tiny_retrieval(out_dir: Path, fast: bool) -> dict:
     r = RETRIEVAL_FAST if fast else RETRIEVAL
     c0, t0 = time.process_time(), time.perf_counter()
-    pre = hub.load("mplug-tiny-pretrained")
-    zs = evaluate_retrieval(pre, "test", n=r["n_eval"], k=r["k"])
-    model = pre.with_config(momentum_encoders=True).train()
+    zs = evaluate_retrieval(hub.load("mplug-tiny-pretrained"), "test", n=r["n_eval"], k=r["k"])   # zero-shot (§5.4.1)
+    model = hub.load("mplug-tiny-vqa").with_config(momentum_encoders=True).train()     # reads the cell tokens
     tcfg = TrainConfig(**r["train"])
     torch.manual_seed(tcfg.seed)
     run = finetune_retrieval(model, PretrainData.build(PretrainConfig(**r["data"])), tcfg)
@@ -324,6 +338,10 @@ def train_mplug_tiny_retrieval(out_dir: Path, fast: bool) -> dict:
 # mplug-tiny-grounding: coordinate tokens (§5.2.4)
 # ---------------------------------------------------------------------------------------------------------
 
+# Tuning notes (300 held-out expressions per language; 1 thread). From mplug-tiny-vqa, 400 steps at 1e-3 (88 CPU-s):
+# Acc@IoU0.5 0.840 EN / 0.837 ZH against the centre-of-image box's 0.053. The ceiling of a model that knows only each
+# object's cell and size class (its box drawn at the cell centre with the class's mid radius) is 0.899 (large 1.00,
+# small 0.80: the renderer moves a centre up to 0.04 of the image inside its cell), measured on 3000 scenes.
 GROUNDING = dict(
     n_bins=33, n_train=8000, lang="both",
     train=dict(steps=400, batch_size=64, lr=1e-3, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
@@ -334,12 +352,12 @@ GROUNDING_FAST = dict(GROUNDING, n_train=800, train=dict(GROUNDING["train"], ste
 
 
 @recipe("mplug-tiny-grounding", "mPLUG tiny visual grounding (mPLUG §5.2.4): the decoder writes the box as 4 "
-        "coordinate tokens from [v; l], EN + ZH expressions", config="mplug-tiny", needs=("mplug-tiny-pretrained",))
+        "coordinate tokens from [v; l], EN + ZH expressions", config="mplug-tiny-cells", needs=("mplug-tiny-vqa",))
 def train_mplug_tiny_grounding(out_dir: Path, fast: bool) -> dict:
     r = GROUNDING_FAST if fast else GROUNDING
     c0, t0 = time.process_time(), time.perf_counter()
     tok, first = coordinate_tokenizer(r["n_bins"])
-    model = hub.load("mplug-tiny-pretrained").train()
+    model = hub.load("mplug-tiny-vqa").train()
     tcfg = TrainConfig(**r["train"])
     torch.manual_seed(tcfg.seed)
     run = finetune_grounding(model, tok, first, r["n_bins"], tcfg, n_train=r["n_train"], lang=r["lang"])
@@ -364,32 +382,59 @@ def train_mplug_tiny_grounding(out_dir: Path, fast: bool) -> dict:
 # mplug-tiny-snli-ve and mplug-tiny-nlvr2: classifiers on the fused [CLS] (§5.2.5)
 # ---------------------------------------------------------------------------------------------------------
 
+# Tuning notes (600 held-out items, EN + ZH; 1 thread). From mplug-tiny-vqa. The paper's head (an MLP on the fused
+# text [CLS], decoder removed) stayed at the text-only level on SNLI-VE: 0.683 after 300 and 800 steps (lr 5e-4, 1e-3),
+# 0.625 after 600 at 2e-3 (text-only prior 0.683: neutral hypotheses are neutral by their words). Read by the decoder
+# as answer words ("yes" / "maybe" / "no", MPLUGClassifierConfig.label_ids), 300 steps at 5e-4 reached 0.857 (106
+# CPU-s). NLVR2 with the two images' tokens concatenated (a slot embedding each) and read as "no" / "yes": train 0.81
+# to 0.89 but held-out 0.615-0.653 against the prior's 0.605-0.628 (6000 or 20000 pairs, 600 steps): it memorised.
+# Fused one pass per image as in VQA, the decoder's [BOS] states concatenated, an MLP (read_with="decoder_state"):
+# 600 steps at 5e-4 on 6000 pairs 0.670 against the prior's 0.605 (only_left / only_right 0.69 / 0.75, prior 0.36 /
+# 0.47); 1200 steps at 1e-3 on 8000 pairs 0.620 (prior 0.603): too fast a rate. The recipe, 1200 steps at 5e-4 on
+# 8000 pairs (679 CPU-s): 0.688 against the prior's 0.603 (majority 0.508; last train loss 0.20: it still overfits).
+# VLMo's two-pass [T_CLS] reaches 0.875 on the same task (mmkit/vlmo/tasks/nlvr2.py): here the count comparisons
+# (compare_* 0.59-0.64) stay near the prior.
 CLASSIFY = dict(
     n_train=6000, lang="both",
     train=dict(steps=300, batch_size=64, lr=5e-4, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
                mixed_precision="no", log_every=25, seed=0, progress_bar=False),
-    n_eval=400,
+    n_eval=600,
 )
 CLASSIFY_FAST = dict(CLASSIFY, n_train=600, train=dict(CLASSIFY["train"], steps=30, warmup_steps=5), n_eval=96)
+# NLVR2 trains longer, on more pairs (two passes per item; its head starts from scratch)
+CLASSIFY_OVERRIDES = {"mplug-tiny-nlvr2": dict(n_train=8000, train=dict(steps=1200, warmup_steps=120))}
 
 
-def _classifier_recipe(out_dir: Path, fast: bool, num_labels: int, num_images: int, dataset_cls) -> dict:
-    r = CLASSIFY_FAST if fast else CLASSIFY
+def classify_settings(preset: str, fast: bool = False) -> dict:
+    """The classifier recipe's settings for ``preset`` ("mplug-tiny-snli-ve" / "mplug-tiny-nlvr2")."""
+    if fast:
+        return CLASSIFY_FAST
+    over = CLASSIFY_OVERRIDES.get(preset, {})
+    return dict(CLASSIFY, **{k: v for k, v in over.items() if k != "train"},
+                train=dict(CLASSIFY["train"], **over.get("train", {})))
+
+
+def _classifier_recipe(out_dir: Path, fast: bool, preset: str, dataset_cls) -> dict:
+    r = classify_settings(preset, fast)
     c0, t0 = time.process_time(), time.perf_counter()
-    pre = hub.load("mplug-tiny-pretrained")
-    model = MPLUGForClassification.from_pretrained_mplug(pre, num_labels, num_images).train()
+    cfg = load_config(preset)
+    vqa = hub.load("mplug-tiny-vqa")
+    model = MPLUGForClassification.from_pretrained_mplug(vqa, cfg.num_labels, cfg.num_images, cfg.read_with,
+                                                         cfg.label_ids).train()
     tcfg = TrainConfig(**r["train"])
     torch.manual_seed(tcfg.seed)
-    train_set = dataset_cls("train", r["n_train"], lang=r["lang"], image_size=pre.config.image_size,
+    train_set = dataset_cls("train", r["n_train"], lang=r["lang"], image_size=vqa.config.image_size,
                             cache_images=True)
-    test_set = dataset_cls("test", r["n_eval"], lang=r["lang"], image_size=pre.config.image_size)
+    test_set = dataset_cls("test", r["n_eval"], lang=r["lang"], image_size=vqa.config.image_size)
+    prior = LabelPrior.of_dataset(train_set)
     before = evaluate_classifier(model, test_set)
     run = finetune_classifier(model, train_set, tcfg)
     model.eval()
-    ev = evaluate_classifier(model, test_set)
+    ev = evaluate_classifier(model, test_set, prior=prior)
     hist = run.result.history
-    metrics = {"test_acc": _r4(ev.accuracy), "majority": _r4(ev.majority), "before_acc": _r4(before.accuracy),
-               **{f"test_acc_{k}": _r4(v) for k, v in ev.per_kind.items()}, "n_eval": ev.n,
+    metrics = {"test_acc": _r4(ev.accuracy), "majority": _r4(ev.majority), "blind_acc": _r4(ev.blind),
+               "before_acc": _r4(before.accuracy), **{f"test_acc_{k}": _r4(v) for k, v in ev.per_kind.items()},
+               **{f"blind_acc_{k}": _r4(v) for k, v in ev.blind_per_kind.items()}, "n_eval": ev.n,
                "float16_test_acc": _r4(evaluate_classifier(rounded_to_half(model).eval(), test_set).accuracy),
                "steps": tcfg.steps, "first_loss": _r4(hist[0]["loss"]),
                "last_loss": _r4(sum(h["loss"] for h in hist[-25:]) / len(hist[-25:])),
@@ -399,25 +444,32 @@ def _classifier_recipe(out_dir: Path, fast: bool, num_labels: int, num_images: i
     return metrics
 
 
-@recipe("mplug-tiny-snli-ve", "mPLUG tiny SNLI-VE (mPLUG §5.2.5): entailment / neutral / contradiction from the fused "
-        "[CLS], no decoder", config="mplug-tiny-snli-ve", needs=("mplug-tiny-pretrained",))
+@recipe("mplug-tiny-snli-ve", "mPLUG tiny SNLI-VE (mPLUG §5.2.5): entailment / neutral / contradiction, read by the "
+        "decoder as the answer words yes / maybe / no", config="mplug-tiny-snli-ve", needs=("mplug-tiny-vqa",))
 def train_mplug_tiny_snli_ve(out_dir: Path, fast: bool) -> dict:
-    return _classifier_recipe(out_dir, fast, 3, 1, EntailmentDataset)
+    return _classifier_recipe(out_dir, fast, "mplug-tiny-snli-ve", EntailmentDataset)
 
 
-@recipe("mplug-tiny-nlvr2", "mPLUG tiny NLVR2 (mPLUG §5.2.5): is a statement about two images true; the images' tokens "
-        "concatenated", config="mplug-tiny-nlvr2", needs=("mplug-tiny-pretrained",))
+@recipe("mplug-tiny-nlvr2", "mPLUG tiny NLVR2 (mPLUG §5.2.5): is a statement about two images true; the statement fused "
+        "with each image, the decoder's [BOS] states classified", config="mplug-tiny-nlvr2", needs=("mplug-tiny-vqa",))
 def train_mplug_tiny_nlvr2(out_dir: Path, fast: bool) -> dict:
-    return _classifier_recipe(out_dir, fast, 2, 2, PairDataset)
+    return _classifier_recipe(out_dir, fast, "mplug-tiny-nlvr2", PairDataset)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # mplug-tiny-stride-sweep: Figure 3 on the world (histories, not weights)
 # ---------------------------------------------------------------------------------------------------------
 
+# Figure 3 on the world. Every arm starts from mplug-tiny-vqa (cell tokens; its encoders and decoder already read the
+# world) with a FRESH fusion network of 6 co-attention layers and a connected layer after every S, and fine-tunes for
+# VQA with the same steps and seed; the forward time of each fusion network is measured at the world's patch lengths.
+# Measured (800 steps of 64 per arm, 150 held-out scenes, answer prior 0.388; 1130 CPU-s in all): S = 1 / 2 / 3 / 6
+# reach 0.883 / 0.859 / 0.861 / 0.857 with fusion forward times 0.355 / 0.234 / 0.195 / 0.154 s per 100 samples. The
+# paper's time direction reproduces (S = 1 -> 6: 2.3x here, about 5x in Figure 3); its accuracy peak at S = 3 does not:
+# S = 1 is best by 0.02 and S = 2, 3, 6 are level within the noise (one standard error ~0.011).
 SWEEP = dict(strides=(1, 2, 3, 6), co_layers=6,
              vqa=dict(n_scenes=6000, image_size=64, lang="both"),
-             train=dict(steps=300, batch_size=64, lr=1e-3, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
+             train=dict(steps=800, batch_size=64, lr=1e-3, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
                         mixed_precision="no", log_every=50, seed=0, progress_bar=False),
              n_eval=150, timing_batch=8, timing_repeats=5)
 SWEEP_FAST = dict(SWEEP, vqa=dict(SWEEP["vqa"], n_scenes=800), train=dict(SWEEP["train"], steps=20, warmup_steps=5),
@@ -426,20 +478,24 @@ SWEEP_FILE = "sweep.json"
 
 
 def sweep_model(pretrained, stride: int, co_layers: int = 6):
-    """The stride-sweep model for ``stride``: mplug-tiny with ``co_layers`` co-attention layers and a connected layer
-    after every ``stride`` of them (``skip_layout="blocks"``); the visual and text encoders, the decoder and the heads
-    copied from ``pretrained``, the fusion network fresh (its layout differs for every S)."""
-    return pretrained.with_config(fusion="skip", skip_layout="blocks", fusion_layers=co_layers, stride=stride,
-                                  momentum_encoders=False)
+    """The stride-sweep model for ``stride``: ``pretrained`` (mplug-tiny-vqa in the recipe) with ``co_layers``
+    co-attention layers and a connected layer after every ``stride`` of them (``skip_layout="blocks"``); the visual and
+    text encoders, the decoder and the heads copied, the fusion network fresh (its layout differs for every S)."""
+    model = pretrained.with_config(fusion="skip", skip_layout="blocks", fusion_layers=co_layers, stride=stride,
+                                   momentum_encoders=False)
+    # with_config copies every fusion layer whose name and shape match (S = 3 would inherit the pretrained block):
+    # every arm gets a freshly initialised fusion network instead
+    model.fusion.load_state_dict(type(model)(model.config).fusion.state_dict())
+    return model
 
 
 @recipe("mplug-tiny-stride-sweep", "mPLUG Figure 3 on the world: the stride S = 1, 2, 3, 6 (6 co-attention layers, a "
         "connected layer after every S), fusion forward time and VQA accuracy after the same fine-tuning",
-        kind="mplug-sweep", needs=("mplug-tiny-pretrained",))
+        kind="mplug-sweep", needs=("mplug-tiny-vqa",))
 def train_mplug_tiny_stride_sweep(out_dir: Path, fast: bool) -> dict:
     r = SWEEP_FAST if fast else SWEEP
     c0 = time.process_time()
-    pre = hub.load("mplug-tiny-pretrained")
+    pre = hub.load("mplug-tiny-vqa")
     timing = stride_times(pre.config, **WORLD_LENGTHS, strides=r["strides"], co_layers=r["co_layers"],
                           batch=r["timing_batch"], repeats=r["timing_repeats"])
     runs = {}
@@ -454,10 +510,13 @@ def train_mplug_tiny_stride_sweep(out_dir: Path, fast: bool) -> dict:
                         "cpu_seconds": round(run.cpu_seconds, 1),
                         "params": model.parameter_counts()["fusion"],
                         "seconds_per_100": timing["seconds_per_100"][s], "plan": list(timing["plans"][s])}
+    blind = blind_eval(fit_answer_prior(2000 if fast else 6000), run.eval)    # the same questions for every arm
     out = {"strides": list(r["strides"]), "co_layers": r["co_layers"], "train": r["train"], "vqa": r["vqa"],
-           "lengths": WORLD_LENGTHS, "runs": runs}
-    (Path(out_dir) / SWEEP_FILE).write_text(json.dumps(out, indent=1))
+           "lengths": WORLD_LENGTHS, "runs": runs, "blind_accuracy": blind.accuracy, "blind_per_type": blind.per_type,
+           "n_questions": run.eval.n_questions}
+    atomic_write_json(Path(out_dir) / SWEEP_FILE, out)
     metrics = {f"S{s}_acc": _r4(v["accuracy"]) for s, v in runs.items()}
+    metrics["blind_acc"] = _r4(blind.accuracy)
     metrics.update({f"S{s}_seconds_per_100": _r4(v["seconds_per_100"]) for s, v in runs.items()},
                    cpu_seconds=round(time.process_time() - c0, 1), torch_threads=torch.get_num_threads())
     return metrics

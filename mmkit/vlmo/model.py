@@ -655,7 +655,7 @@ register_model("vlmo_image_cls", VLMoImageClsConfig, VLMoForImageClassification)
 register_preset("vlmo-tiny", lambda: VLMoConfig())
 # The world VQA model reads the cells front end (visual_tokens="cells", see VLMoConfig; tuning notes in recipes.py)
 register_preset("vlmo-tiny-vqa", lambda: VLMoVQAConfig(visual_tokens="cells"))
-register_preset("vlmo-tiny-nlvr2", lambda: VLMoNLVR2Config())
+register_preset("vlmo-tiny-nlvr2", lambda: VLMoNLVR2Config(visual_tokens="cells"))   # from vlmo-tiny-vqa
 register_preset("vlmo-tiny-image-cls", lambda: VLMoImageClsConfig())
 
 # Full size (VLMo §4.1; the official README's VLMo-base / VLMo-large). BERT uncased vocabulary ([PAD] 0, [MASK]

@@ -9,6 +9,14 @@ contradiction) and NLVR2 (two images, a statement -> true / false), an MLP on th
     nlvr = MPLUGForClassification.from_pretrained_mplug(pretrained, num_labels=2, num_images=2)
     ev = evaluate_classifier(nlvr, PairDataset("test", 300, image_size=32))
 
+From a model that already reads the world through its decoder (mplug-tiny-vqa), the labels can be read by the
+decoder instead (``read_with``, see :class:`mmkit.mplug.model.MPLUGForClassification`): as answer words (SNLI-VE:
+entailment "yes", neutral "maybe", contradiction "no") or from its [BOS] state, one pass per image (NLVR2):
+
+    ids = word_ids(world_tokenizer(), SNLI_VE_WORDS)                     # mmkit.tokenizer, mmkit.mplug.model
+    model = MPLUGForClassification.from_pretrained_mplug(vqa_model, 3, read_with="answer_words", label_ids=ids)
+    nlvr = MPLUGForClassification.from_pretrained_mplug(vqa_model, 2, 2, read_with="decoder_state")
+
 §5.2.5: SNLI-VE feeds "the image premise, text premise and text hypothesis" to the encoder, removes the decoder and
 classifies the fused [CLS] (the world has no text premise: the hypothesis alone). NLVR2 follows BLIP with two
 cross-attentions; here the two images' tokens are concatenated into one visual sequence with a slot embedding each
@@ -25,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from mmkit.data.datasets import make_collate
+from mmkit.evaluation.vqa import LabelPrior
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import TrainConfig, evaluating, train, unwrap
+from mmkit.train import TrainConfig, cell_namers_fixed, evaluating, train, unwrap
 
 __all__ = ["classification_collate", "classification_loss", "predict_labels", "ClassifierEval",
            "evaluate_classifier", "ClassifierRun", "finetune_classifier"]
@@ -71,23 +80,34 @@ class ClassifierEval(NamedTuple):
     per_kind: dict            # {kind: accuracy} (the datasets' statement / hypothesis kinds)
     majority: float           # the blind baseline: always the most frequent label of these items
     n: int
+    blind: float | None = None        # the text-only prior (LabelPrior) on the same items: never sees an image
+    blind_per_kind: dict | None = None
 
 
 @torch.no_grad()
-def evaluate_classifier(model, dataset, tokenizer=None, batch_size: int = 64) -> ClassifierEval:
-    """Accuracy on a (held-out) EntailmentDataset / PairDataset, per kind, beside the majority-label baseline."""
+def evaluate_classifier(model, dataset, tokenizer=None, batch_size: int = 64,
+                        prior: LabelPrior | None = None) -> ClassifierEval:
+    """Accuracy on a (held-out) EntailmentDataset / PairDataset, per kind, beside the majority-label baseline and,
+    with ``prior`` (``LabelPrior.of_dataset(train_data)``), the text-only baseline on the same items."""
     collate = classification_collate(tokenizer)
-    preds, labels, kinds = [], [], []
+    preds, labels, kinds, blind = [], [], [], []
     for i in range(0, len(dataset), batch_size):
         batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
         preds.append(predict_labels(model, batch))
         labels.append(batch["label"])
         kinds += list(batch["kind"])
+        if prior is not None:
+            texts = batch["hypothesis"] if "hypothesis" in batch else batch["statement"]
+            blind += prior.labels(texts, batch["kind"], batch["lang"])
     p, y = torch.cat(preds), torch.cat(labels)
+
+    def by_kind(hit: torch.Tensor) -> dict:
+        return {k: float(hit[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in sorted(set(kinds))}
     hit = (p == y).float()
-    per_kind = {k: float(hit[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in sorted(set(kinds))}
     majority = Counter(y.tolist()).most_common(1)[0][1] / len(y)
-    return ClassifierEval(float(hit.mean()), per_kind, majority, len(y))
+    b_hit = (torch.tensor(blind) == y).float() if prior is not None else None
+    return ClassifierEval(float(hit.mean()), by_kind(hit), majority, len(y),
+                          None if b_hit is None else float(b_hit.mean()), None if b_hit is None else by_kind(b_hit))
 
 
 class ClassifierRun(NamedTuple):
@@ -100,5 +120,6 @@ def finetune_classifier(model, dataset, train_config: TrainConfig, tokenizer=Non
     """Fine-tune an :class:`~mmkit.mplug.model.MPLUGForClassification` (in place) on a train EntailmentDataset /
     PairDataset with :func:`classification_loss` (mPLUG §5.2.5)."""
     c0 = time.process_time()
-    result = train(model, classification_loss, dataset, train_config, collate_fn=classification_collate(tokenizer))
+    with cell_namers_fixed(model):               # a cells model's namer (stage 0) stays as it is: its codes name objects
+        result = train(model, classification_loss, dataset, train_config, collate_fn=classification_collate(tokenizer))
     return ClassifierRun(unwrap(model), result, time.process_time() - c0)

@@ -29,7 +29,7 @@ from mmkit.data.datasets import GroundingDataset
 from mmkit.evaluation.grounding import box_iou, centre_boxes, grounding_accuracy
 from mmkit.mplug.tasks.inputs import decoder_inputs, encoder_inputs
 from mmkit.tokenizer import add_coordinate_tokens, load_tokenizer
-from mmkit.train import TrainConfig, evaluating, train, unwrap
+from mmkit.train import TrainConfig, cell_namers_fixed, evaluating, train, unwrap
 
 __all__ = ["GroundingConfig", "coordinate_tokenizer", "check_vocabulary", "boxes_to_bins", "bins_to_boxes",
            "grounding_batch", "grounding_loss", "CoordinateOnly", "predict_boxes", "GroundingEval",
@@ -160,5 +160,6 @@ def finetune_grounding(model, tok, first_id: int, n_bins: int, train_config: Tra
         idx = torch.randint(len(items), (b,), generator=g).tolist()
         return grounding_batch([items[i] for i in idx], tok, first_id, n_bins, max_len)
 
-    result = train(model, grounding_loss, batch_fn, train_config)
+    with cell_namers_fixed(m):                   # a cells model's namer (stage 0) stays as it is: its codes name objects
+        result = train(model, grounding_loss, batch_fn, train_config)
     return GroundingRun(m, result, time.process_time() - c0)

@@ -27,7 +27,7 @@ from mmkit.evaluation.retrieval import Retrieval, recall_at_k
 from mmkit.mplug.tasks.inputs import encoder_inputs
 from mmkit.mplug.tasks.pretrain import PretrainConfig, PretrainData, make_pretrain_loss
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import TrainConfig, evaluating, train, unwrap
+from mmkit.train import TrainConfig, cell_namers_fixed, evaluating, train, unwrap
 
 __all__ = ["retrieval_loss", "RetrievalScores", "retrieval_scores", "scores_from_embeddings", "RetrievalEval",
            "reranked_recall", "evaluate_retrieval", "RetrievalRun", "finetune_retrieval"]
@@ -131,5 +131,6 @@ def finetune_retrieval(model, data: PretrainData, train_config: TrainConfig) -> 
     if unwrap(model).momentum_model is None:
         raise ValueError("retrieval fine-tuning trains ITC with momentum queues: give an mPLUG with momentum encoders "
                          "(model.with_config(momentum_encoders=True))")
-    result = train(model, retrieval_loss, data.batch_fn, train_config)
+    with cell_namers_fixed(model):               # a cells model's namer (stage 0) stays as it is: its codes name objects
+        result = train(model, retrieval_loss, data.batch_fn, train_config)
     return RetrievalRun(unwrap(model), result, time.process_time() - c0)
