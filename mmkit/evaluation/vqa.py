@@ -24,8 +24,8 @@ from mmkit.data.scenes import sample_scenes
 from mmkit.data.text import QTYPES, answer_vocab, questions
 from mmkit.data.vqa import eval_questions
 
-__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "LabelPrior", "world_answer_prior", "prior_eval",
-           "ranked_answer", "pixel_saliency", "unit_heat", "by_object_count"]
+__all__ = ["VQAAnswer", "VQAEval", "normal_answer", "score_answers", "AnswerPrior", "LabelPrior", "world_answer_prior",
+           "prior_eval", "ranked_answer", "pixel_saliency", "unit_heat", "by_object_count"]
 
 
 class VQAAnswer(NamedTuple):
@@ -150,6 +150,15 @@ class LabelPrior(NamedTuple):
 
     def labels(self, texts: Sequence[str], kinds: Sequence[str], langs: Sequence[str]) -> list[int]:
         return [int(self.prior(t, k, lg)) for t, k, lg in zip(texts, kinds, langs)]
+
+    def score(self, texts: Sequence[str], kinds: Sequence[str], langs: Sequence[str],
+              gold: Sequence[int]) -> tuple[float, dict]:
+        """The prior's accuracy on these items: (overall, {kind: accuracy})."""
+        hits = [p == int(y) for p, y in zip(self.labels(texts, kinds, langs), gold)]
+        per_kind: dict = {}
+        for k, h in zip(kinds, hits):
+            per_kind.setdefault(k, []).append(h)
+        return sum(hits) / max(len(hits), 1), {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
 
 
 def world_answer_prior(n_scenes: int = 2000, draws: int = 4, seed: int = 0) -> AnswerPrior:

@@ -247,7 +247,7 @@ def finetune_captioning(model, bank: SceneBank, ce_config: TrainConfig | None = 
     tok = tokenizer if tokenizer is not None else world_tokenizer()
     sampler = CaptionSampler(bank, lang=lang)
     ce = sc = None
-    with cell_namers_fixed(model):               # a cells model's namer (stage 0) stays as it is: its codes name objects
+    with cell_namers_fixed(model):               # the namer of stage 0 stays fixed: its codes name objects
         if ce_config is not None:
             ce = train(model, functools.partial(caption_loss, tokenizer=tok), sampler.batch_fn, ce_config)
         if scst_config is not None:

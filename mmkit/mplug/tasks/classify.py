@@ -90,24 +90,20 @@ def evaluate_classifier(model, dataset, tokenizer=None, batch_size: int = 64,
     """Accuracy on a (held-out) EntailmentDataset / PairDataset, per kind, beside the majority-label baseline and,
     with ``prior`` (``LabelPrior.of_dataset(train_data)``), the text-only baseline on the same items."""
     collate = classification_collate(tokenizer)
-    preds, labels, kinds, blind = [], [], [], []
+    preds, labels, kinds, langs, texts = [], [], [], [], []
     for i in range(0, len(dataset), batch_size):
         batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
         preds.append(predict_labels(model, batch))
         labels.append(batch["label"])
         kinds += list(batch["kind"])
-        if prior is not None:
-            texts = batch["hypothesis"] if "hypothesis" in batch else batch["statement"]
-            blind += prior.labels(texts, batch["kind"], batch["lang"])
+        langs += list(batch["lang"])
+        texts += list(batch["hypothesis"] if "hypothesis" in batch else batch["statement"])
     p, y = torch.cat(preds), torch.cat(labels)
-
-    def by_kind(hit: torch.Tensor) -> dict:
-        return {k: float(hit[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in sorted(set(kinds))}
     hit = (p == y).float()
+    per_kind = {k: float(hit[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in sorted(set(kinds))}
     majority = Counter(y.tolist()).most_common(1)[0][1] / len(y)
-    b_hit = (torch.tensor(blind) == y).float() if prior is not None else None
-    return ClassifierEval(float(hit.mean()), by_kind(hit), majority, len(y),
-                          None if b_hit is None else float(b_hit.mean()), None if b_hit is None else by_kind(b_hit))
+    blind, blind_per_kind = prior.score(texts, kinds, langs, y.tolist()) if prior is not None else (None, None)
+    return ClassifierEval(float(hit.mean()), per_kind, majority, len(y), blind, blind_per_kind)
 
 
 class ClassifierRun(NamedTuple):
@@ -120,6 +116,6 @@ def finetune_classifier(model, dataset, train_config: TrainConfig, tokenizer=Non
     """Fine-tune an :class:`~mmkit.mplug.model.MPLUGForClassification` (in place) on a train EntailmentDataset /
     PairDataset with :func:`classification_loss` (mPLUG §5.2.5)."""
     c0 = time.process_time()
-    with cell_namers_fixed(model):               # a cells model's namer (stage 0) stays as it is: its codes name objects
+    with cell_namers_fixed(model):               # the namer of stage 0 stays fixed: its codes name objects
         result = train(model, classification_loss, dataset, train_config, collate_fn=classification_collate(tokenizer))
     return ClassifierRun(unwrap(model), result, time.process_time() - c0)

@@ -160,6 +160,6 @@ def finetune_grounding(model, tok, first_id: int, n_bins: int, train_config: Tra
         idx = torch.randint(len(items), (b,), generator=g).tolist()
         return grounding_batch([items[i] for i in idx], tok, first_id, n_bins, max_len)
 
-    with cell_namers_fixed(m):                   # a cells model's namer (stage 0) stays as it is: its codes name objects
+    with cell_namers_fixed(m):                   # the namer of stage 0 stays fixed: its codes name objects
         result = train(model, grounding_loss, batch_fn, train_config)
     return GroundingRun(m, result, time.process_time() - c0)

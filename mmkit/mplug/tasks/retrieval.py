@@ -131,6 +131,6 @@ def finetune_retrieval(model, data: PretrainData, train_config: TrainConfig) -> 
     if unwrap(model).momentum_model is None:
         raise ValueError("retrieval fine-tuning trains ITC with momentum queues: give an mPLUG with momentum encoders "
                          "(model.with_config(momentum_encoders=True))")
-    with cell_namers_fixed(model):               # a cells model's namer (stage 0) stays as it is: its codes name objects
+    with cell_namers_fixed(model):               # the namer of stage 0 stays fixed: its codes name objects
         result = train(model, retrieval_loss, data.batch_fn, train_config)
     return RetrievalRun(unwrap(model), result, time.process_time() - c0)

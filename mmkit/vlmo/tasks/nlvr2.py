@@ -90,11 +90,11 @@ class NLVR2Eval(NamedTuple):
 def evaluate_nlvr2(model, dataset: PairDataset, tokenizer=None, batch_size: int = 128,
                    prior: LabelPrior | None = None) -> NLVR2Eval:
     """Accuracy on every item of ``dataset`` (e.g. ``pair_dataset("test", 400)``), overall, per kind, per language;
-    with ``prior`` (``LabelPrior.of_dataset(train_data)``: the
-    most frequent label of each exact statement; it never sees an image, yet beats 0.5) also the blind baseline's accuracy on the same items."""
+    with ``prior`` (``LabelPrior.of_dataset(train_data)``: the most frequent label of each exact statement; it never
+    sees an image, yet beats 0.5) also the blind baseline's accuracy on the same items."""
     _check_head(model)
     collate = nlvr2_collate(model, tokenizer)
-    hits, kinds, langs, labels, blind = [], [], [], [], []
+    hits, kinds, langs, labels, statements = [], [], [], [], []
     with evaluating(model):
         for i in range(0, len(dataset), batch_size):
             b = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
@@ -103,19 +103,17 @@ def evaluate_nlvr2(model, dataset: PairDataset, tokenizer=None, batch_size: int 
             kinds += b["kind"]
             langs += b["lang"]
             labels += b["label"].tolist()
-            if prior is not None:
-                blind += [p == y for p, y in zip(prior.labels(b["statement"], b["kind"], b["lang"]),
-                                                 b["label"].tolist())]
+            statements += b["statement"]
 
-    def by(keys, marks):
+    def by(keys):
         out: dict = {}
-        for k, h in zip(keys, marks):
+        for k, h in zip(keys, hits):
             out.setdefault(k, []).append(h)
         return {k: sum(v) / len(v) for k, v in sorted(out.items())}
     n = len(hits)
     ones = sum(labels) / max(n, 1)
-    return NLVR2Eval(sum(hits) / max(n, 1), by(kinds, hits), by(langs, hits), max(ones, 1 - ones), n,
-                     sum(blind) / n if blind else None, by(kinds, blind) if blind else None)
+    blind, blind_per_kind = prior.score(statements, kinds, langs, labels) if prior is not None else (None, None)
+    return NLVR2Eval(sum(hits) / max(n, 1), by(kinds), by(langs), max(ones, 1 - ones), n, blind, blind_per_kind)
 
 
 # The recipe's settings ("vlmo-tiny-nlvr2": from vlmo-tiny-vqa, whose fusion already reads the world's cell tokens; two
@@ -157,7 +155,7 @@ def finetune_nlvr2(model, steps: int | None = None, train_config: TrainConfig | 
         p.requires_grad_(True)
     freeze(raw, unused)
     try:
-        with cell_namers_fixed(raw):             # a cells model's namer (stage 0) stays as it is: its codes name objects
+        with cell_namers_fixed(raw):             # the namer of stage 0 stays fixed: its codes name objects
             result = train(model, nlvr2_loss, train_data, tcfg, collate_fn=nlvr2_collate(raw, tokenizer), **train_kw)
     finally:
         for p in raw.parameters():
