@@ -18,6 +18,11 @@ A name is a name (letters, digits, ``-``, ``_``, ``.``, an optional ``@fast``; n
 A folder is read by the loader registered for its ``kind`` (recipe.json): models by :func:`load_model_dir`
 (config.json + model.safetensors), the tokenizer by :mod:`mmkit.tokenizer`.
 
+A fine-tune that changed only part of a shipped model is stored as a **delta** over it: ``base.json`` names the
+base checkpoint and the sha256 of its weights, and ``model.safetensors`` holds only the tensors that differ
+(:func:`mmkit.train.save_checkpoint` ``base=``, :func:`mmkit.train.unchanged_weights`). Loading fills the rest from
+the base (found by name, as above) and refuses a base whose weights are not the recorded ones.
+
 Integrity: :func:`run_recipe` records the sha256 of every file it wrote in ``recipe.json`` (``"sha256"``), and
 every load checks them (:func:`verify_checkpoint`): a flipped byte or a truncated file is a
 :class:`CheckpointError` that names the file and says how to rebuild it, never weights that are silently wrong.
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_model
 
 import mmkit.registry as registry
@@ -42,10 +48,13 @@ from mmkit.io import atomic_write_json, fast_mode, make_tmp_dir, recover_dir, re
 
 __all__ = ["SHIPPED_DIR", "NAME_PATTERN", "CheckpointError", "cache_root", "check_name", "find_checkpoint",
            "checkpoint_dir", "load", "load_path", "load_model_dir", "load_weights", "read_json", "run_recipe",
-           "read_recipe_info", "recipe_names", "verify_checkpoint", "rebuild_hint", "file_hashes", "check_device"]
+           "read_recipe_info", "recipe_names", "verify_checkpoint", "rebuild_hint", "file_hashes", "check_device",
+           "BASE_FILE", "WEIGHTS_FILE", "base_weights"]
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+BASE_FILE = "base.json"          # a delta checkpoint's base: {"checkpoint": name, "sha256": of its weights}
 # A checkpoint name: starts with a letter or digit; letters, digits, '.', '_', '-' (no '/', '\\', no '..');
 # the hub's own fast-mode cache entries end in '@fast'.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@fast)?$")
@@ -260,13 +269,29 @@ def verify_checkpoint(d: str | Path, warn_unrecorded: bool = False) -> None:
                                       f"{rebuild_hint(d)[:1].upper()}{rebuild_hint(d)[1:]}.")
 
 
-def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | None = None) -> None:
+def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | None = None,
+                 base: str | Path | None = None) -> None:
     """Load ``weights`` (safetensors) into ``model`` strictly, with errors that name the file and the fix:
-    unreadable / truncated files, missing or unexpected keys (another model's weights), shape mismatches."""
+    unreadable / truncated files, missing or unexpected keys (another model's weights), shape mismatches.
+
+    ``base``: the weights file of a delta checkpoint's base, loaded first; ``weights`` then overwrites what it
+    holds, and every tensor of ``model`` must come from one of the two (the base may hold heads the model lacks)."""
     weights = Path(weights)
     fix = hint or rebuild_hint(weights.parent)
+    missing, unexpected = _load_safetensors(model, weights, device, fix)
+    if base is not None:
+        missing = _fill_from_base(model, Path(base), set(missing), fix)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match {type(model).__name__}: missing {sorted(missing)[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
+                              f"{sorted(unexpected)[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). "
+                              "Was it saved from another model, or by another version of this one?")
+
+
+def _load_safetensors(model, weights: Path, device: str, fix: str) -> tuple[list, list]:
+    """safetensors' non-strict load -> (missing, unexpected) names, its errors turned into CheckpointErrors."""
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        return load_model(model, str(weights), strict=False, device=str(device))
     except SafetensorError as e:
         raise CheckpointError(f"{weights} cannot be read as safetensors ({e}): the file is truncated or damaged. "
                               f"{fix[:1].upper()}{fix[1:]}.") from None
@@ -275,17 +300,57 @@ def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | No
         raise CheckpointError(f"{weights} does not fit {type(model).__name__}: {'; '.join(lines) or e}. It was saved "
                               "from a model with another config (check config.json) or another version of it.") \
             from None
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match {type(model).__name__}: missing {sorted(missing)[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
-                              f"{sorted(unexpected)[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). "
-                              "Was it saved from another model, or by another version of this one?")
+
+
+def _fill_from_base(model, base: Path, missing: set, fix: str) -> list:
+    """Load the ``missing`` tensors of ``model`` from its base's weights file; -> those the base lacks too (a tied
+    group counts as loaded when one of its names was). Only the missing ones are read: the base may hold others of
+    another shape (a head the fine-tune rebuilt)."""
+    groups: dict[int, set] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(n)
+    tied = {n: g for g in groups.values() for n in g}
+    wanted = set().union(*(tied.get(k, {k}) for k in missing)) if missing else set()
+    try:
+        with safe_open(str(base), "pt") as f:
+            found = {k: f.get_tensor(k) for k in wanted if k in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{base} cannot be read as safetensors ({e}): the base checkpoint is damaged. "
+                              f"{fix[:1].upper()}{fix[1:]}.") from None
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in found.items() if v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{base} does not fit {type(model).__name__} where the delta relies on it: "
+                              f"{'; '.join(wrong[:3])}. {fix[:1].upper()}{fix[1:]}.")
+    model.load_state_dict(found, strict=False)
+    return sorted(k for k in missing if not (tied.get(k, {k}) & set(found)))
+
+
+def base_weights(d: str | Path) -> Path | None:
+    """The weights file of delta checkpoint ``d``'s base (``base.json``), or None for a whole checkpoint. The base
+    is found by name like any checkpoint (trained by its recipe if it is nowhere yet); its sha256 must be the one
+    ``base.json`` records, else the delta would land on other weights than it was trained from."""
+    f = Path(d) / BASE_FILE
+    if not f.is_file():
+        return None
+    info = read_json(f, "delta checkpoint base", rebuild_hint(d))
+    if not isinstance(info, dict) or not isinstance(info.get("checkpoint"), str) or not info.get("sha256"):
+        raise CheckpointError(f"{f} must hold {{\"checkpoint\": name, \"sha256\": hash}}; {rebuild_hint(d)}")
+    name = check_name(info["checkpoint"])
+    weights = checkpoint_dir(name) / WEIGHTS_FILE
+    got = sha256_file(weights)
+    if got != info["sha256"]:
+        raise CheckpointError(f"{Path(d).name} stores only what it changed over {name!r}, but {weights} is not the "
+                              f"{name} it was trained from (sha256 {got[:16]}..., {BASE_FILE} records "
+                              f"{str(info['sha256'])[:16]}...): put the shipped {name} back, or rebuild "
+                              f"{Path(d).name} from this one ({rebuild_hint(d)})")
+    return weights
 
 
 def load_model_dir(d: str | Path, device: str = "cpu", verify: bool = True):
     """Build the model that ``config.json`` describes and load ``model.safetensors`` into it (strict)."""
     d = Path(d)
-    cfg_file, weights = d / "config.json", d / "model.safetensors"
+    cfg_file, weights = d / "config.json", d / WEIGHTS_FILE
     for f in (cfg_file, weights):
         if not f.exists():
             raise FileNotFoundError(f"{d} is not a model checkpoint: {f.name} is missing")
@@ -297,7 +362,7 @@ def load_model_dir(d: str | Path, device: str = "cpu", verify: bool = True):
                               f"{rebuild_hint(d)}")
     cfg = config_from_dict(cfg_dict, source=str(cfg_file))
     model = build_model(cfg)
-    load_weights(model, weights, device)
+    load_weights(model, weights, device, base=base_weights(d))
     model.config = cfg
     return model.to(device).eval()
 

@@ -91,8 +91,9 @@ import torch.nn as nn
 from mmkit.config import config_to_dict
 from mmkit.data.scenes import CellData
 from mmkit.data.world import object_labels
-from mmkit.hub import CheckpointError, file_hashes, load_weights, read_json, verify_checkpoint
-from mmkit.io import atomic_write_json, make_tmp_dir, recover_dir, replace_dir, share_files
+from mmkit.hub import (BASE_FILE, WEIGHTS_FILE, CheckpointError, base_weights, checkpoint_dir, file_hashes,
+                       load_model_dir, load_weights, read_json, verify_checkpoint)
+from mmkit.io import atomic_write_json, make_tmp_dir, recover_dir, replace_dir, sha256_file, share_files
 from mmkit.nn.modes import evaluating  # noqa: F401  (re-exported: tasks evaluate models with it)
 from mmkit.nn.moe import ExpertParallelMoE, MoEFeedForward
 
@@ -101,11 +102,12 @@ __all__ = [
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
-    "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half", "CELL_NAMER", "CELL_NAMER_FAST",
-    "CELL_NAMER_AUG_FRACTION", "CellNamerRun", "namer_parameter_names", "cell_namers_fixed", "train_cell_namer",
+    "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half", "unchanged_weights",
+    "delta_over", "thinned_history", "CELL_NAMER", "CELL_NAMER_FAST", "CELL_NAMER_AUG_FRACTION", "CellNamerRun",
+    "namer_parameter_names", "cell_namers_fixed", "train_cell_namer",
 ]
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = WEIGHTS_FILE
 CONFIG_NAME = "config.json"
 STATE_NAME = "training_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -538,7 +540,8 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
                     scheduler: Any = None, *, step: int = 0, train_config: TrainConfig | None = None,
                     history: list[dict] | None = None, evals: list[dict] | None = None,
                     extra: dict | None = None, state_dict: dict | None = None, exclude: list[str] | tuple = (),
-                    tmp_dir: str | Path | None = None, weights_dtype: torch.dtype | None = None) -> Path:
+                    tmp_dir: str | Path | None = None, weights_dtype: torch.dtype | None = None,
+                    base: dict | None = None) -> Path:
     """Write a checkpoint folder atomically (see module doc); returns its path. Call it on ONE process.
 
     With only ``model`` it writes a plain model checkpoint (``model.safetensors`` + ``config.json`` +
@@ -557,6 +560,10 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     ``weights_dtype=torch.float16`` stores every float32 weight in half precision: the shipped tiny checkpoints
     are half the size, and loading casts them back (``load_state_dict`` copies into the float32 model).
     :func:`rounded_to_half` gives the model such a file loads as, so a recipe can measure what it ships.
+
+    ``base={"checkpoint": name, "sha256": of its model.safetensors}`` writes a delta checkpoint: ``base.json``
+    records the base, and ``exclude`` should name the weights equal to it (:func:`unchanged_weights`); loading
+    fills them from the base (:func:`mmkit.hub.base_weights`).
     """
     from safetensors.torch import save_file, save_model
 
@@ -578,6 +585,10 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
         cfg_dict = _model_config_dict(raw)
         if cfg_dict is not None:
             atomic_write_json(tmp / CONFIG_NAME, _json_safe(cfg_dict))
+        if base is not None:
+            if set(base) != {"checkpoint", "sha256"}:
+                raise ValueError(f"base must be {{'checkpoint': name, 'sha256': hash of its weights}}, got {base}")
+            atomic_write_json(tmp / BASE_FILE, base)
         if optimizer is not None or scheduler is not None:
             state = {"step": int(step), "rng": _rng_state()}
             if optimizer is not None:
@@ -614,6 +625,40 @@ def _deduplicated(raw: nn.Module, state_dict: dict | None, exclude: set) -> dict
         groups.setdefault(id(p), []).append(name)
     drop = {n for names in groups.values() for n in sorted(names)[1:]}   # safetensors keeps the first name sorted
     return {k: v.detach().cpu().contiguous() for k, v in sd.items() if k not in drop and k not in exclude}
+
+
+def thinned_history(history: list[dict], every: int = 10) -> list[dict]:
+    """Every ``every``-th entry of a training history and the last one, floats rounded to 4 decimals: what a shipped
+    checkpoint keeps of its run (a plot of the curve, not a replay of every step)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    keep = history[::every] + ([history[-1]] if history and (len(history) - 1) % every else [])
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in keep]
+
+
+def unchanged_weights(model: nn.Module, base: nn.Module, weights_dtype: torch.dtype | None = None) -> list[str]:
+    """Names of ``model``'s tensors equal to ``base``'s (same name, shape and values, compared as they would be
+    stored in ``weights_dtype``): what a delta checkpoint over ``base`` leaves out (``save_checkpoint(exclude=..,
+    base=..)``). A fine-tune that froze its encoders stores only the rest."""
+    ref = unwrap(base).state_dict()
+    out = []
+    for k, v in unwrap(model).state_dict().items():
+        r = ref.get(k)
+        if r is None or r.shape != v.shape or r.dtype != v.dtype:
+            continue
+        if weights_dtype is not None and v.dtype == torch.float32:
+            v, r = v.to(weights_dtype), r.to(weights_dtype)
+        if torch.equal(v.cpu(), r.cpu()):
+            out.append(k)
+    return out
+
+
+def delta_over(model: nn.Module, base_name: str, weights_dtype: torch.dtype | None = None) -> dict:
+    """``save_checkpoint`` arguments (``exclude``, ``base``) that store ``model`` as a delta over the checkpoint
+    ``base_name`` (shipped or cached, loaded by name): only the tensors that differ from it are written."""
+    d = checkpoint_dir(base_name)
+    return {"exclude": unchanged_weights(model, load_model_dir(d), weights_dtype),
+            "base": {"checkpoint": base_name, "sha256": sha256_file(d / WEIGHTS_NAME)}}
 
 
 def rounded_to_half(model: nn.Module) -> nn.Module:
@@ -735,7 +780,7 @@ def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
                                   f"unexpected {sorted(unexpected)[:5]}, expert weights {len(experts)}; {hint}")
         _load_expert_shards(raw, ckpt_dir, experts, hint)
     else:
-        load_weights(raw, weights, str(device), hint=hint)
+        load_weights(raw, weights, str(device), hint=hint, base=base_weights(ckpt_dir))
     ts_file = ckpt_dir / TRAINER_STATE_NAME
     trainer_state = read_json(ts_file, "trainer state", hint) if ts_file.exists() else {"step": 0}
     if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step", 0), int):

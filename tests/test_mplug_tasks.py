@@ -355,6 +355,29 @@ def test_nlvr2_reads_the_decoder_state_of_one_pass_per_image(tok):
     assert torch.equal(K.predict_labels(nlvr, pairs), pairs["label"])
 
 
+def test_finetune_classifier_keeps_the_frozen_prefixes_bit_identical_and_restores_the_flags():
+    """The NLVR2 recipe trains only the fusion network and the head (frozen=("vision.", "text.", "decoder.")): those
+    weights must not move, the others must, and every requires_grad flag is as before afterwards."""
+    from mmkit.train import TrainConfig
+    nlvr = MPLUGForClassification.from_pretrained_mplug(micro(6), 2, 2, read_with="decoder_state").train()
+    nlvr.text.requires_grad_(True)
+    nlvr.itm_head.requires_grad_(False)                                  # a flag set before: kept
+    before = {k: v.clone() for k, v in nlvr.state_dict().items()}
+    frozen = ("vision.", "text.", "decoder.")
+    K.finetune_classifier(nlvr, PairDataset("train", 16, image_size=S), TrainConfig(
+        steps=3, batch_size=8, lr=1e-2, warmup_steps=1, mixed_precision="no", progress_bar=False, log_every=0),
+        frozen=frozen)
+    after = nlvr.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("fusion.", "classifier.")) for k in moved), sorted(moved)[:5]
+    assert any(k.startswith("fusion.") for k in moved) and any(k.startswith("classifier.") for k in moved)
+    assert all(p.requires_grad for p in nlvr.text.parameters())
+    assert not any(p.requires_grad for p in nlvr.itm_head.parameters())
+    with pytest.raises(ValueError, match=r"no parameter name starts with \[.visoin\..\]"):
+        K.finetune_classifier(nlvr, PairDataset("train", 8, image_size=S), TrainConfig(steps=1, batch_size=8,
+                              mixed_precision="no", progress_bar=False, log_every=0), frozen=("visoin.",))
+
+
 # --- clips and zero-shot video (§5.4.2) ----------------------------------------------------------------------------
 def test_clips_move_one_object_across_the_grid():
     for seed in range(12):

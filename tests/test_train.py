@@ -527,3 +527,52 @@ def test_a_flipped_byte_in_any_saved_checkpoint_is_caught(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(T.CheckpointError, match=r"model.safetensors is corrupt: .* trainer_state.json records"):
         T.load_checkpoint(ckpt, W.make_model())
+
+
+def test_a_delta_checkpoint_stores_only_what_changed_and_loads_over_its_named_base(tmp_path, monkeypatch):
+    """A fine-tune that froze part of a shipped model is saved as the tensors it changed plus base.json (the base's
+    name and weights hash); loading fills the rest from the base, found by name, and refuses a different base."""
+    from mmkit import hub
+    from mmkit.hub import CheckpointError
+    from mmkit.io import sha256_file
+
+    monkeypatch.setattr(hub, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setenv("MMKIT_CACHE", str(tmp_path / "cache"))
+    def ship(model, **kw):               # a shipped folder is complete once its recipe.json exists
+        T.save_checkpoint(tmp_path / "shipped" / "copynet-base", model, step=1, **kw)
+        (tmp_path / "shipped" / "copynet-base" / "recipe.json").write_text('{"kind": "model"}')
+
+    base = W.make_model(seed=0)
+    ship(base, weights_dtype=torch.float16)
+    base = hub.load_model_dir(tmp_path / "shipped" / "copynet-base")          # as shipped (float16-rounded)
+    tuned = W.make_model(seed=0)
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():                                                     # "fine-tune" fc and the norm only
+        tuned.fc.weight.add_(0.5)
+        tuned.norm.bias.add_(0.25)
+    same = T.unchanged_weights(tuned, base, torch.float16)
+    assert sorted(same) == ["embed.weight", "fc.bias", "head.weight", "norm.weight"]
+    record = {"checkpoint": "copynet-base", "sha256": sha256_file(tmp_path / "shipped" / "copynet-base" /
+                                                                  "model.safetensors")}
+    out = T.save_checkpoint(tmp_path / "tuned", tuned, step=2, exclude=same, base=record,
+                            weights_dtype=torch.float16)
+    assert sorted(load_file(out / "model.safetensors")) == ["fc.weight", "norm.bias"]
+    assert json.loads((out / "base.json").read_text()) == record
+    loaded = hub.load_path(out)
+    for k, v in T.rounded_to_half(tuned).state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.head.weight.data_ptr() == loaded.embed.weight.data_ptr(), "tied weights stay tied"
+
+    # the base retrained (other weights under the same name): refused, naming both and the fix
+    ship(W.make_model(seed=3))
+    with pytest.raises(CheckpointError, match=r"stores only what it changed over 'copynet-base'.*not the "
+                                              r"copynet-base it was trained from.*put the shipped copynet-base back"):
+        hub.load_path(out)
+    # a delta without its base's share of the tensors is a clear error too
+    ship(nn.Sequential(nn.Linear(2, 2)))
+    (out / "base.json").write_text(json.dumps(dict(record, sha256=sha256_file(
+        tmp_path / "shipped" / "copynet-base" / "model.safetensors"))))
+    with pytest.raises(CheckpointError, match=r"missing \['embed.weight', 'fc.bias', 'norm.weight'\]"):
+        hub.load_model_dir(out, verify=False)
+    with pytest.raises(ValueError, match=r"base must be \{'checkpoint': name, 'sha256'"):
+        T.save_checkpoint(tmp_path / "bad", tuned, base={"checkpoint": "copynet-base"})

@@ -140,8 +140,10 @@ class LabelPrior(NamedTuple):
 
     @classmethod
     def of_dataset(cls, train_data) -> "LabelPrior":
-        """Fitted on every item of a train PairDataset (statements) or EntailmentDataset (hypotheses)."""
-        items = [train_data[i] for i in range(len(train_data))]
+        """Fitted on every item of a train PairDataset (statements) or EntailmentDataset (hypotheses); only their
+        texts are read (``text_item``), never their images."""
+        read = getattr(train_data, "text_item", train_data.__getitem__)       # the texts only: no image rendered
+        items = [read(i) for i in range(len(train_data))]
         key = next((k for k in ("statement", "hypothesis") if k in items[0]), None) if items else None
         if key is None:
             raise ValueError("LabelPrior.of_dataset needs a non-empty PairDataset or EntailmentDataset (items with a "

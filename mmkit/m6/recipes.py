@@ -32,7 +32,7 @@ from mmkit.m6.tasks.vqa import (VQA_RELATION_FOCUS, VQA_RELATION_TRAIN, VQA_RELA
                                 zero_shot_answers)
 from mmkit.registry import recipe
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import TrainConfig, rounded_to_half, save_checkpoint
+from mmkit.train import TrainConfig, delta_over, rounded_to_half, save_checkpoint, thinned_history
 
 __all__ = ["train_m6_tiny_pretrained", "train_m6_tiny_itm", "train_m6_tiny_vqa", "train_m6_tiny_t2i"]
 
@@ -49,10 +49,11 @@ def train_m6_tiny_pretrained(out_dir: Path, fast: bool) -> dict:
     model = build_model(load_config("m6-tiny"))
     run = pretrain(model, pcfg, tcfg)
     final = run.result.evals[-1] if run.result.evals else run.evaluator(model)
-    save_checkpoint(out_dir, model, step=run.result.step, train_config=tcfg, history=run.result.history,
-                    evals=run.result.evals, weights_dtype=torch.float16, extra={"pretrain_config": asdict(pcfg),
-                                                   "mixed_precision": run.result.mixed_precision,
-                                                   "extractor_losses": run.extractor.losses if run.extractor else []})
+    save_checkpoint(out_dir, model, step=run.result.step, train_config=tcfg,
+                    history=thinned_history(run.result.history, 1),      # every step (notebook 03 smooths it)
+                    evals=run.result.evals, weights_dtype=torch.float16, extra={
+                        "pretrain_config": asdict(pcfg), "mixed_precision": run.result.mixed_precision,
+                        "extractor_losses": [_r4(v) for v in run.extractor.losses] if run.extractor else []})
     metrics = {k: _r4(v) for k, v in final.items() if k != "step"}
     if run.extractor is not None:
         metrics.update({f"extractor_{k}_acc": _r4(v) for k, v in run.extractor.accuracy.items()})
@@ -72,8 +73,8 @@ def train_m6_tiny_itm(out_dir: Path, fast: bool) -> dict:
     run = finetune_itm(model, tcfg, n_train=1000 if fast else 4000, n_eval=128 if fast else 512)
     hist = run.result.history
     save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
-                    history=hist[::10] + ([hist[-1]] if len(hist) % 10 != 1 else []),   # every 10th step: small
-                    weights_dtype=torch.float16)
+                    history=thinned_history(hist, 10), weights_dtype=torch.float16,
+                    **delta_over(run.model, "m6-tiny-pretrained", torch.float16))   # the frozen extractor: from there
     ev = run.eval
     return {"itm_acc": _r4(ev.accuracy), "positive_acc": _r4(ev.positive_acc), "n_eval": ev.n,
             **{f"acc_{k}": _r4(v) for k, v in ev.per_kind.items()},
@@ -110,8 +111,8 @@ def train_m6_tiny_vqa(out_dir: Path, fast: bool) -> dict:
     _, zs_gen, zs_rank = zero_shot_answers(hub.load("m6-tiny-pretrained"), n=50 if fast else 200)
     steps = first.result.step + run.result.step
     hist = first.result.history + [dict(h, step=h["step"] + first.result.step) for h in run.result.history]
-    save_checkpoint(out_dir, run.model, step=steps, train_config=tcfg, history=hist[::25] + [hist[-1]],
-                    weights_dtype=torch.float16,
+    save_checkpoint(out_dir, run.model, step=steps, train_config=tcfg, history=thinned_history(hist, 25),
+                    weights_dtype=torch.float16, **delta_over(run.model, "m6-tiny-pretrained", torch.float16),
                     extra={"vqa_config": asdict(cfg), "relation_phase": {"train": dict(asdict(rcfg)),
                                                                          "focus": VQA_RELATION_FOCUS}})
     return {"test_acc": _r4(run.eval.accuracy), "test_n_questions": run.eval.n_questions,
@@ -155,9 +156,9 @@ def train_m6_tiny_t2i(out_dir: Path, fast: bool) -> dict:
         metrics.update({f"{kind}_{k}": _r4(v) for k, v in ev.items() if k.startswith("first_")})
         metrics[f"{kind}_seconds_per_image"] = _r4(ev["seconds_per_image"])
     save_checkpoint(out_dir, run.model, step=run.result.step, train_config=tcfg,
-                    history=[{k: _r4(v) if isinstance(v, float) else v for k, v in h.items()}
-                             for h in run.result.history[::10]],
-                    extra={"data_config": dict(asdict(dcfg))}, weights_dtype=torch.float16)
+                    history=thinned_history(run.result.history, 10),
+                    extra={"data_config": dict(asdict(dcfg))}, weights_dtype=torch.float16,
+                    **delta_over(run.model, "m6-tiny-pretrained", torch.float16))
     metrics.update(steps=run.result.step, first_loss=_r4(run.result.history[0]["loss"]),
                    last_loss=_r4(run.result.history[-1]["loss"]), train_seconds=round(run.result.seconds, 1),
                    wall_seconds=round(time.perf_counter() - t0, 1),

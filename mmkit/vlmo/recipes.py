@@ -33,7 +33,8 @@ from mmkit.data.scenes import SceneBank
 from mmkit.evaluation.vqa import prior_eval, world_answer_prior
 from mmkit.registry import recipe
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import CELL_NAMER, CELL_NAMER_FAST, TrainConfig, rounded_to_half, save_checkpoint, train
+from mmkit.train import (CELL_NAMER, CELL_NAMER_FAST, TrainConfig, rounded_to_half, save_checkpoint, thinned_history,
+                         train)
 from mmkit.vlmo.model import VLMoForImageClassification, VLMoForNLVR2, VLMoForVQA
 from mmkit.vlmo.tasks import image_only as IO
 from mmkit.vlmo.tasks import nlvr2 as N
@@ -48,14 +49,8 @@ def _r4(v) -> float:
     return round(float(v), 4)
 
 
-def _history(hist: list[dict], every: int = 10) -> list[dict]:
-    """Every ``every``-th step (and the last), floats rounded: a small trainer_state.json."""
-    keep = hist[::every] + ([hist[-1]] if hist and (len(hist) - 1) % every else [])
-    return [{k: (_r4(v) if isinstance(v, float) else v) for k, v in h.items()} for h in keep]
-
-
 def _save(out_dir: Path, model, result, tcfg, extra: dict | None = None) -> None:
-    save_checkpoint(out_dir, model, step=result.step, train_config=tcfg, history=_history(result.history),
+    save_checkpoint(out_dir, model, step=result.step, train_config=tcfg, history=thinned_history(result.history),
                     extra=extra, weights_dtype=torch.float16)
 
 
