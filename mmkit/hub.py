@@ -38,8 +38,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 
 import mmkit.registry as registry
@@ -274,8 +273,8 @@ def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | No
     """Load ``weights`` (safetensors) into ``model`` strictly, with errors that name the file and the fix:
     unreadable / truncated files, missing or unexpected keys (another model's weights), shape mismatches.
 
-    ``base``: the weights file of a delta checkpoint's base, loaded first; ``weights`` then overwrites what it
-    holds, and every tensor of ``model`` must come from one of the two (the base may hold heads the model lacks)."""
+    ``base``: the weights file of a delta checkpoint's base; the tensors ``weights`` lacks are read from it, and every
+    tensor of ``model`` must come from one of the two (the base may hold others, of other shapes, that are not read)."""
     weights = Path(weights)
     fix = hint or rebuild_hint(weights.parent)
     missing, unexpected = _load_safetensors(model, weights, device, fix)
