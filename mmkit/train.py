@@ -104,10 +104,9 @@ __all__ = [
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
     "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half", "unchanged_weights",
     "delta_over", "thinned_history", "CELL_NAMER", "CELL_NAMER_FAST", "CELL_NAMER_AUG_FRACTION", "CellNamerRun",
-    "namer_parameter_names", "cell_namers_fixed", "train_cell_namer",
+    "namer_parameter_names", "grad_flags_restored", "cell_namers_fixed", "train_cell_namer",
 ]
 
-WEIGHTS_NAME = WEIGHTS_FILE
 CONFIG_NAME = "config.json"
 STATE_NAME = "training_state.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -576,12 +575,12 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     tmp = make_tmp_dir(ckpt_dir) if tmp_dir is None else Path(tmp_dir)
     try:
         if state_dict is None and not exclude and weights_dtype is None:
-            save_model(raw, str(tmp / WEIGHTS_NAME))
+            save_model(raw, str(tmp / WEIGHTS_FILE))
         else:
             tensors = _deduplicated(raw, state_dict, set(exclude))
             if weights_dtype is not None:
                 tensors = {k: v.to(weights_dtype) if v.dtype == torch.float32 else v for k, v in tensors.items()}
-            save_file(tensors, str(tmp / WEIGHTS_NAME))
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
         cfg_dict = _model_config_dict(raw)
         if cfg_dict is not None:
             atomic_write_json(tmp / CONFIG_NAME, _json_safe(cfg_dict))
@@ -653,12 +652,15 @@ def unchanged_weights(model: nn.Module, base: nn.Module, weights_dtype: torch.dt
     return out
 
 
-def delta_over(model: nn.Module, base_name: str, weights_dtype: torch.dtype | None = None) -> dict:
+def delta_over(model: nn.Module, base_name: str, weights_dtype: torch.dtype | None = None,
+               base_model: nn.Module | None = None) -> dict:
     """``save_checkpoint`` arguments (``exclude``, ``base``) that store ``model`` as a delta over the checkpoint
-    ``base_name`` (shipped or cached, loaded by name): only the tensors that differ from it are written."""
+    ``base_name`` (shipped or cached, found by name): only the tensors that differ from it are written.
+    ``base_model``: that checkpoint as already loaded (unmodified), so it is not read again."""
     d = checkpoint_dir(base_name)
-    return {"exclude": unchanged_weights(model, load_model_dir(d), weights_dtype),
-            "base": {"checkpoint": base_name, "sha256": sha256_file(d / WEIGHTS_NAME)}}
+    base_model = base_model if base_model is not None else load_model_dir(d)
+    return {"exclude": unchanged_weights(model, base_model, weights_dtype),
+            "base": {"checkpoint": base_name, "sha256": sha256_file(d / WEIGHTS_FILE)}}
 
 
 def rounded_to_half(model: nn.Module) -> nn.Module:
@@ -748,7 +750,7 @@ def _load_expert_shards(raw: nn.Module, ckpt_dir: Path, names: set, hint: str) -
 
 
 def _is_complete_checkpoint(d: Path) -> bool:
-    return (d / TRAINER_STATE_NAME).exists() and (d / WEIGHTS_NAME).exists()
+    return (d / TRAINER_STATE_NAME).exists() and (d / WEIGHTS_FILE).exists()
 
 
 def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -760,9 +762,9 @@ def load_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     damaged JSON raise :class:`mmkit.hub.CheckpointError` naming the file.
     """
     ckpt_dir = Path(ckpt_dir)
-    weights = ckpt_dir / WEIGHTS_NAME
+    weights = ckpt_dir / WEIGHTS_FILE
     if not weights.exists():
-        raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint: {WEIGHTS_NAME} is missing")
+        raise FileNotFoundError(f"{ckpt_dir} is not a checkpoint: {WEIGHTS_FILE} is missing")
     verify_checkpoint(ckpt_dir)                        # sha256s, when a recipe recorded them
     raw = unwrap(model)
     device = next((p.device for p in raw.parameters()), torch.device("cpu"))
@@ -865,7 +867,7 @@ def _resolve_resume(resume_from: str | Path, cfg: TrainConfig) -> Path | None:
     p = Path(resume_from)
     if _CKPT_RE.match(p.name):
         recover_dir(p, _is_complete_checkpoint)        # a save killed between its two renames took it away
-    if (p / TRAINER_STATE_NAME).exists() and (p / WEIGHTS_NAME).exists():
+    if (p / TRAINER_STATE_NAME).exists() and (p / WEIGHTS_FILE).exists():
         return p
     latest = latest_checkpoint(p)
     if latest is None:
@@ -1244,6 +1246,19 @@ def namer_parameter_names(model: nn.Module, tokens: nn.Module) -> tuple[str, ...
 
 
 @contextlib.contextmanager
+def grad_flags_restored(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, change any parameter's ``requires_grad`` (freeze a part, train only another); on exit, even
+    after an error, every flag is as it was. Yields the unwrapped model."""
+    raw = unwrap(model)
+    flags = [(p, p.requires_grad) for p in raw.parameters()]
+    try:
+        yield raw
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def cell_namers_fixed(model: nn.Module) -> Iterator[tuple[str, ...]]:
     """Inside the block, the namer (CNN + per-cell heads) of every :class:`mmkit.nn.CellTokens` in ``model`` has
     ``requires_grad = False``; on exit each flag is as it was. Yields their names (empty for a model without cells).
@@ -1252,17 +1267,12 @@ def cell_namers_fixed(model: nn.Module) -> Iterator[tuple[str, ...]]:
     those names in a few hundred steps. Measured on NLVR2 from vlmo-tiny-vqa (1000 steps at 1e-3, namer not fixed):
     the namer's per-cell colour / shape / size fell from 1.00 / 0.99 / 1.00 to 0.00, and the model stopped at its
     text-only baseline (0.616 vs 0.597)."""
-    raw = unwrap(model)
-    ids = {id(p) for m in raw.modules() if hasattr(m, "namer_parameters") for p in m.namer_parameters()}
-    named = [(n, p) for n, p in raw.named_parameters() if id(p) in ids]
-    before = [p.requires_grad for _, p in named]
-    for _, p in named:
-        p.requires_grad_(False)
-    try:
+    with grad_flags_restored(model) as raw:
+        ids = {id(p) for m in raw.modules() if hasattr(m, "namer_parameters") for p in m.namer_parameters()}
+        named = [(n, p) for n, p in raw.named_parameters() if id(p) in ids]
+        for _, p in named:
+            p.requires_grad_(False)
         yield tuple(n for n, _ in named)
-    finally:
-        for (_, p), flag in zip(named, before):
-            p.requires_grad_(flag)
 
 
 def train_cell_namer(model: nn.Module, tokens: nn.Module, bank, train_config: TrainConfig | None = None,
@@ -1274,20 +1284,16 @@ def train_cell_namer(model: nn.Module, tokens: nn.Module, bank, train_config: Tr
     raw = unwrap(model)
     tcfg = train_config if train_config is not None else TrainConfig(**CELL_NAMER)
     names = set(namer_parameter_names(raw, tokens))
-    trainable = {n: p.requires_grad for n, p in raw.named_parameters()}
-    for n, p in raw.named_parameters():
-        p.requires_grad_(n in names)
 
     def normalised(images: torch.Tensor) -> torch.Tensor:
         return (images.to(raw.image_mean.device) - raw.image_mean) / raw.image_std
 
     c0 = time.process_time()
-    try:
+    with grad_flags_restored(raw):
+        for n, p in raw.named_parameters():
+            p.requires_grad_(n in names)
         result = train(raw, lambda m, b: tokens.loss(normalised(b["images"]), b["labels"].to(raw.image_mean.device)),
                        CellData(bank, aug_fraction).batch_fn, tcfg)
-    finally:
-        for n, p in raw.named_parameters():
-            p.requires_grad_(trainable[n])
     cpu = time.process_time() - c0
     evals = {}
     for augmented in (False, True):

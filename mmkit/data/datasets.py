@@ -405,14 +405,17 @@ class PairDataset(WorldDataset):
         """Item ``index`` without its images (statement, label, kind, lang): what a text-only baseline reads,
         about 30x faster than rendering the pair."""
         index = self._index(index)
-        left, right = self.scenes(index)
+        return self._text_fields(index, *self.scenes(index))
+
+    def _text_fields(self, index: int, left: Scene, right: Scene) -> dict[str, Any]:
         lang = self._lang(self.lang, left.seed)
         st = pair_statement(left, right, lang, seed=f"{self.kind}-{self.text_seed}")
         return {"statement": st.statement, "label": int(st.label), "kind": st.kind, "lang": lang, "index": index}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.text_item(index)
-        left, right = self.scenes(item["index"])
+        index = self._index(index)
+        left, right = self.scenes(index)
+        item = self._text_fields(index, left, right)
         item["images"] = torch.stack([self._image(left), self._image(right)])   # (2, 3, S, S)
         item["seeds"] = torch.tensor([left.seed, right.seed], dtype=torch.int64)
         if self.return_scene:
@@ -440,16 +443,18 @@ class EntailmentDataset(WorldDataset):
         """Item ``index`` without its image (hypothesis, label, label_name, kind, lang): what a text-only
         baseline reads."""
         index = self._index(index)
-        scene = self.scene(index)
+        return self._text_fields(index, self.scene(index))
+
+    def _text_fields(self, index: int, scene: Scene) -> dict[str, Any]:
         lang = self._lang(self.lang, scene.seed)
         h = sample_hypothesis(scene, lang, seed=f"{self.kind}-{self.text_seed}")
         return {"hypothesis": h.hypothesis, "label": ENTAILMENT_LABELS.index(h.label), "label_name": h.label,
                 "kind": h.kind, "lang": lang, "index": index}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.text_item(index)
-        scene = self.scene(item["index"])
-        return {"image": self._image(scene), **item, **self._base(item["index"], scene)}
+        index = self._index(index)
+        scene = self.scene(index)
+        return {"image": self._image(scene), **self._text_fields(index, scene), **self._base(index, scene)}
 
 
 DATASETS: dict[str, type[WorldDataset]] = {

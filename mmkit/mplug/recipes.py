@@ -22,8 +22,8 @@ the metrics it measured (:func:`mmkit.hub.run_recipe` stores them in ``recipe.js
 the momentum encoders and queue (an ALBEF training device; a recipe that needs them adds fresh copies synced to the
 online encoders, ``model.with_config(momentum_encoders=True)``) and in float16 (``save_half``: the recipes measure
 the difference this makes), so that the shipped ones fit the kit's size budget. The SNLI-VE and NLVR2 classifiers
-store only the tensors they changed over mplug-tiny-vqa (:func:`mmkit.train.delta_over`; ``base.json`` names it). CPU seconds are the process's CPU
-time (``time.process_time``, every thread).
+store only the tensors they changed over mplug-tiny-vqa (:func:`mmkit.train.delta_over`; ``base.json`` names it).
+CPU seconds are the process's CPU time (``time.process_time``, every thread).
 """
 from __future__ import annotations
 
@@ -399,7 +399,7 @@ def train_mplug_tiny_grounding(out_dir: Path, fast: bool) -> dict:
 # mplug-tiny-vqa, mmkit.train.delta_over, it is the fusion network alone: 1.53 MB): 0.885 against 0.637, every kind
 # >= 0.82 (721 CPU-s). VLMo's two-pass [T_CLS] reaches 0.875.
 CLASSIFY = dict(
-    n_train=6000, lang="both",
+    n_train=6000, lang="both", frozen=(),       # frozen: parameter-name prefixes kept fixed while it trains
     train=dict(steps=300, batch_size=64, lr=5e-4, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.02,
                mixed_precision="no", log_every=25, seed=0, progress_bar=False),
     n_eval=600,
@@ -415,10 +415,9 @@ def classify_settings(preset: str, fast: bool = False) -> dict:
     """The classifier recipe's settings for ``preset`` ("mplug-tiny-snli-ve" / "mplug-tiny-nlvr2"): n_train, lang,
     train (TrainConfig fields), n_eval, and frozen (parameter-name prefixes kept fixed; none by default)."""
     over = CLASSIFY_OVERRIDES.get(preset, {})
-    if fast:
+    if fast:                                    # the fast path keeps only what is frozen (so it runs that code)
         return dict(CLASSIFY_FAST, frozen=over.get("frozen", ()))
-    return dict({**CLASSIFY, "frozen": ()}, **{k: v for k, v in over.items() if k != "train"},
-                train=dict(CLASSIFY["train"], **over.get("train", {})))
+    return {**CLASSIFY, **over, "train": dict(CLASSIFY["train"], **over.get("train", {}))}
 
 
 def _classifier_recipe(out_dir: Path, fast: bool, preset: str, dataset_cls) -> dict:
@@ -449,7 +448,7 @@ def _classifier_recipe(out_dir: Path, fast: bool, preset: str, dataset_cls) -> d
                "torch_threads": torch.get_num_threads()}
     # stored as what it changed over mplug-tiny-vqa (the frozen encoders come from there when it loads)
     save_half(out_dir, model, step=tcfg.steps, train_config=tcfg, history=thinned_history(hist, 25),
-              **delta_over(model, "mplug-tiny-vqa", torch.float16))
+              **delta_over(model, "mplug-tiny-vqa", torch.float16, base_model=vqa))
     return metrics
 
 

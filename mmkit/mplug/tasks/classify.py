@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from mmkit.data.datasets import make_collate
 from mmkit.evaluation.vqa import LabelPrior
 from mmkit.tokenizer import world_tokenizer
-from mmkit.train import TrainConfig, cell_namers_fixed, evaluating, freeze, train, unwrap
+from mmkit.train import TrainConfig, cell_namers_fixed, evaluating, freeze, grad_flags_restored, train, unwrap
 
 __all__ = ["classification_collate", "classification_loss", "predict_labels", "ClassifierEval",
            "evaluate_classifier", "ClassifierRun", "finetune_classifier"]
@@ -118,15 +118,8 @@ def finetune_classifier(model, dataset, train_config: TrainConfig, tokenizer=Non
     PairDataset with :func:`classification_loss` (mPLUG §5.2.5). ``frozen``: parameter-name prefixes kept fixed
     meanwhile (e.g. ``("vision.", "text.")``: the encoders; the recipe's notes say when that helps)."""
     c0 = time.process_time()
-    raw = unwrap(model)
-    flags = {n: p.requires_grad for n, p in raw.named_parameters()}
-    try:
+    with grad_flags_restored(model) as raw, cell_namers_fixed(raw):   # the namer of stage 0 stays fixed as well
         if frozen:
             freeze(raw, frozen)
-        with cell_namers_fixed(model):           # the namer of stage 0 stays fixed: its codes name objects
-            result = train(model, classification_loss, dataset, train_config,
-                           collate_fn=classification_collate(tokenizer))
-    finally:
-        for n, p in raw.named_parameters():
-            p.requires_grad_(flags[n])
+        result = train(model, classification_loss, dataset, train_config, collate_fn=classification_collate(tokenizer))
     return ClassifierRun(raw, result, time.process_time() - c0)

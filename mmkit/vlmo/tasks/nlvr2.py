@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from mmkit.data.datasets import PairDataset, make_collate
 from mmkit.tokenizer import world_tokenizer
 from mmkit.evaluation.vqa import LabelPrior
-from mmkit.train import TrainConfig, cell_namers_fixed, evaluating, freeze, train, unwrap
+from mmkit.train import TrainConfig, cell_namers_fixed, evaluating, freeze, grad_flags_restored, train, unwrap
 
 __all__ = ["pair_dataset", "nlvr2_collate", "nlvr2_logits", "nlvr2_loss", "statement_probability", "NLVR2Eval",
            "evaluate_nlvr2", "NLVR2_TRAIN", "NLVR2_TRAIN_FAST", "NLVR2_TRAIN_PAIRS", "NLVR2Run", "finetune_nlvr2"]
@@ -153,13 +153,9 @@ def finetune_nlvr2(model, steps: int | None = None, train_config: TrainConfig | 
               "image_embed.mask_token")
     for p in raw.parameters():
         p.requires_grad_(True)
-    freeze(raw, unused)
-    try:
-        with cell_namers_fixed(raw):             # the namer of stage 0 stays fixed: its codes name objects
-            result = train(model, nlvr2_loss, train_data, tcfg, collate_fn=nlvr2_collate(raw, tokenizer), **train_kw)
-    finally:
-        for p in raw.parameters():
-            p.requires_grad_(True)
+    with grad_flags_restored(raw), cell_namers_fixed(raw):   # the namer of stage 0 stays fixed: its codes name objects
+        freeze(raw, unused)
+        result = train(model, nlvr2_loss, train_data, tcfg, collate_fn=nlvr2_collate(raw, tokenizer), **train_kw)
     raw.eval()
     ev = evaluate_nlvr2(raw, eval_data, tokenizer, prior=LabelPrior.of_dataset(train_data)) if len(eval_data) else None
     return NLVR2Run(raw, result, ev, time.perf_counter() - t0)
