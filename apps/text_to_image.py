@@ -27,6 +27,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 import _common  # noqa: E402
+from mmkit.m6.tasks.t2i import SamplingConfig  # noqa: E402  (the code LM's default sampling settings)
 
 EXAMPLES = [
     "a small red circle at the top left",
@@ -35,6 +36,7 @@ EXAMPLES = [
     "右上方有一个小的绿色三角形",
     "一个大的紫色圆形位于正下方",
     "a large red triangle on the left",          # a colour + shape pair the code LM never saw in training
+    "a small red circle at the top left and a large blue square at the bottom",      # two objects
 ]
 EXAMPLE = EXAMPLES[0]
 DISPLAY_SIDE = 128                                # images are shown this large (an integer zoom, nearest)
@@ -106,8 +108,8 @@ class T2IApp:
                     temperature=number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
                     seed=number("seed", seed, 0, MAX_SEED, whole=True))
 
-    def generate(self, prompt: str, top_k: float = 8, temperature: float = 1.0, n_samples: float = 4,
-                 seed: float = 0, rerank: bool = True):
+    def generate(self, prompt: str, top_k: float = 8, temperature: float = SamplingConfig.temperature,
+                 n_samples: float = 4, seed: float = 0, rerank: bool = True):
         """Yield (gallery, status) after every sample, then the reranked gallery."""
         from mmkit.evaluation.faithfulness import faithfulness
 
@@ -173,7 +175,8 @@ def build_demo(app: T2IApp) -> gr.Blocks:
                 gr.Examples(EXAMPLES, inputs=[prompt])
                 with gr.Row():
                     top_k = gr.Slider(0, app.entry.n_codes, value=8, step=1, label="top-k (0 = all codes)")
-                    temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
+                    temperature = gr.Slider(0.1, 2.0, value=SamplingConfig.temperature, step=0.05,
+                                            label="temperature")
                 with gr.Row():
                     n_samples = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="samples")
                     seed = gr.Number(value=0, precision=0, label="seed")

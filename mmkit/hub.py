@@ -23,6 +23,9 @@ base checkpoint and the sha256 of its weights, and ``model.safetensors`` holds o
 (:func:`mmkit.train.save_checkpoint` ``base=``, :func:`mmkit.train.unchanged_weights`). Loading fills the rest from
 the base (found by name, as above) and refuses a base whose weights are not the recorded ones.
 
+Weights are stored in float32, float16, or int8 with one float16 scale per output row (``INT8_FORMAT`` in the file's
+metadata; :func:`int8_rows`): every reader here (:func:`load_weights`, a delta's base) turns them back into float32.
+
 Integrity: :func:`run_recipe` records the sha256 of every file it wrote in ``recipe.json`` (``"sha256"``), and
 every load checks them (:func:`verify_checkpoint`): a flipped byte or a truncated file is a
 :class:`CheckpointError` that names the file and says how to rebuild it, never weights that are silently wrong.
@@ -48,12 +51,18 @@ from mmkit.io import atomic_write_json, fast_mode, make_tmp_dir, recover_dir, re
 __all__ = ["SHIPPED_DIR", "NAME_PATTERN", "CheckpointError", "cache_root", "check_name", "find_checkpoint",
            "checkpoint_dir", "load", "load_path", "load_model_dir", "load_weights", "read_json", "run_recipe",
            "read_recipe_info", "recipe_names", "verify_checkpoint", "rebuild_hint", "file_hashes", "check_device",
-           "BASE_FILE", "WEIGHTS_FILE", "base_weights"]
+           "BASE_FILE", "WEIGHTS_FILE", "base_weights", "INT8_FORMAT", "INT8_SCALE", "int8_rows", "from_int8_rows",
+           "stored_int8", "read_weights", "is_int8_file"]
 
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "model.safetensors"
 BASE_FILE = "base.json"          # a delta checkpoint's base: {"checkpoint": name, "sha256": of its weights}
+# int8 weight storage (mmkit.train.save_checkpoint(weights_dtype=torch.int8)): the safetensors metadata that marks such
+# a file, and the suffix of the float16 row scales stored beside each int8 tensor NAME under NAME + INT8_SCALE. That
+# name is never a tensor's own: NAME is a parameter or buffer, so no module can sit under it.
+INT8_FORMAT = {"mmkit_weights": "int8-rowwise"}
+INT8_SCALE = ".int8_scale"
 # A checkpoint name: starts with a letter or digit; letters, digits, '.', '_', '-' (no '/', '\\', no '..');
 # the hub's own fast-mode cache entries end in '@fast'.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@fast)?$")
@@ -268,6 +277,56 @@ def verify_checkpoint(d: str | Path, warn_unrecorded: bool = False) -> None:
                                       f"{rebuild_hint(d)[:1].upper()}{rebuild_hint(d)[1:]}.")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# int8 weight storage
+# ---------------------------------------------------------------------------------------------------------
+
+def stored_int8(t: torch.Tensor) -> bool:
+    """Whether ``save_checkpoint(weights_dtype=torch.int8)`` stores ``t`` as int8 rows: a finite float32 tensor of
+    2+ dimensions (matrices, embeddings, conv kernels: almost all of a model's bytes). Norms, biases and gains are
+    1-D, few, and sensitive, so they stay float16; a tensor holding inf / nan (a mask buffer) would have no scale."""
+    return t.dtype == torch.float32 and t.ndim >= 2 and t.numel() > 0 and bool(torch.isfinite(t).all())
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (float, 2+ dims) -> (int8 q of w's shape, float16 scale of shape (rows,)), one scale per output row
+    (dim 0): scale = max |row| / 127 (1 for an all-zero row, whose q is 0), q = round(w / scale) in [-127, 127].
+    Per row because rows differ in range by orders of magnitude (one scale for a whole matrix would flatten its
+    small rows to 0); the scale is rounded to float16 first, so q is computed with the scale that is stored and
+    every element comes back within scale / 2. A scale is at least 2**-14, float16's smallest normal number: below
+    it float16 loses precision (and reaches 0), and q would no longer fit the row."""
+    rows = w.detach().float().reshape(w.shape[0], -1)
+    amax = rows.abs().amax(dim=1)
+    scale = torch.where(amax > 0, (amax / 127).clamp(min=2.0 ** -14), torch.ones_like(amax)).half()
+    q = torch.round(rows / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+def from_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 tensor that :func:`int8_rows` stored as ``(q, scale)``: q * its row's scale."""
+    return (q.float().reshape(q.shape[0], -1) * scale.float()[:, None]).reshape(q.shape)
+
+
+def is_int8_file(fh) -> bool:
+    """Whether the open safetensors file ``fh`` was written with int8 rows (its metadata holds ``INT8_FORMAT``)."""
+    return all((fh.metadata() or {}).get(k) == v for k, v in INT8_FORMAT.items())
+
+
+def read_weights(fh, names=None) -> dict[str, torch.Tensor]:
+    """The tensors of an open safetensors file ``fh`` (``safe_open``), int8 rows turned back into float32 (when the
+    file's metadata is ``INT8_FORMAT``); ``names``: only those (the ones the file holds), else every tensor."""
+    int8 = is_int8_file(fh)
+    keys = set(fh.keys())
+    own = [k for k in keys if not (int8 and k.endswith(INT8_SCALE))]
+    out = {}
+    for k in own if names is None else [k for k in names if k in own]:
+        t = fh.get_tensor(k)
+        if int8 and k + INT8_SCALE in keys:
+            t = from_int8_rows(t, fh.get_tensor(k + INT8_SCALE))
+        out[k] = t
+    return out
+
+
 def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | None = None,
                  base: str | Path | None = None) -> None:
     """Load ``weights`` (safetensors) into ``model`` strictly, with errors that name the file and the fix:
@@ -288,8 +347,13 @@ def load_weights(model, weights: str | Path, device: str = "cpu", hint: str | No
 
 
 def _load_safetensors(model, weights: Path, device: str, fix: str) -> tuple[list, list]:
-    """safetensors' non-strict load -> (missing, unexpected) names, its errors turned into CheckpointErrors."""
+    """safetensors' non-strict load -> (missing, unexpected) names, its errors turned into CheckpointErrors. An int8
+    file (``INT8_FORMAT``) is read back to float32 first (:func:`_load_int8`)."""
     try:
+        with safe_open(str(weights), "pt") as fh:
+            int8 = is_int8_file(fh)
+        if int8:
+            return _load_int8(model, weights)
         return load_model(model, str(weights), strict=False, device=str(device))
     except SafetensorError as e:
         raise CheckpointError(f"{weights} cannot be read as safetensors ({e}): the file is truncated or damaged. "
@@ -299,6 +363,24 @@ def _load_safetensors(model, weights: Path, device: str, fix: str) -> tuple[list
         raise CheckpointError(f"{weights} does not fit {type(model).__name__}: {'; '.join(lines) or e}. It was saved "
                               "from a model with another config (check config.json) or another version of it.") \
             from None
+
+
+def _load_int8(model, weights: Path) -> tuple[list, list]:
+    """What ``safetensors.torch.load_model(strict=False)`` does, for a file whose tensors must be dequantized first:
+    load them, then report (missing, unexpected) with tied weights counted as safetensors counts them (stored under
+    one of their names: the others are not missing; a second name of a tied group in the file is unexpected)."""
+    with safe_open(str(weights), "pt") as fh:
+        state = read_weights(fh)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    groups: dict[int, list] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    for names in groups.values():
+        stored = sorted(n for n in names if n in state)
+        if stored:
+            missing = [n for n in missing if n not in names]
+            unexpected = list(unexpected) + stored[1:]
+    return missing, unexpected
 
 
 def _fill_from_base(model, base: Path, missing: set, fix: str) -> list:
@@ -312,7 +394,7 @@ def _fill_from_base(model, base: Path, missing: set, fix: str) -> list:
     wanted = set().union(*(tied.get(k, {k}) for k in missing)) if missing else set()
     try:
         with safe_open(str(base), "pt") as f:
-            found = {k: f.get_tensor(k) for k in wanted if k in f.keys()}
+            found = read_weights(f, wanted)                 # int8 rows come back as float32
     except SafetensorError as e:
         raise CheckpointError(f"{base} cannot be read as safetensors ({e}): the base checkpoint is damaged. "
                               f"{fix[:1].upper()}{fix[1:]}.") from None

@@ -42,7 +42,7 @@ import yaml
 
 import mmkit.registry as registry
 from mmkit.config import config_from_dict, config_to_dict, load_config, replace_config
-from mmkit.hub import CheckpointError, verify_checkpoint
+from mmkit.hub import CheckpointError, is_int8_file, read_weights, verify_checkpoint
 from mmkit.io import atomic_write_text
 from mmkit.nn.blocks import TransformerBlock
 from mmkit.nn.moe import ExpertParallelMoE, MoEFeedForward, ddp_ignore_expert_params, is_expert_param
@@ -327,7 +327,9 @@ def load_init(model: nn.Module, folder: str | Path) -> InitReport:
     loaded, dropped, sd = 0, [], {}
     try:
         with safe_open(str(d / "model.safetensors"), framework="pt") as fh:
-            keys = list(fh.keys())
+            # int8 rows (save_checkpoint(weights_dtype=torch.int8)) are read back to float32 here, whole
+            int8 = read_weights(fh) if is_int8_file(fh) else None
+            keys = list(fh.keys()) if int8 is None else list(int8)
             prefix = _wrapper_prefix(keys, own)         # e.g. "m6." of stage 0's probe around the model
             for k in keys:
                 if prefix and k.startswith(prefix):
@@ -337,7 +339,11 @@ def load_init(model: nn.Module, folder: str | Path) -> InitReport:
                 if name not in own:
                     dropped.append(k)
                     continue
-                if name in ranges and fh.get_slice(k).get_shape()[0] == ranges[name][2] != own[name].shape[0]:
+                if int8 is not None:
+                    t = int8[k]
+                    if name in ranges and t.shape[0] == ranges[name][2] != own[name].shape[0]:
+                        t = t[ranges[name][0]:ranges[name][1]]
+                elif name in ranges and fh.get_slice(k).get_shape()[0] == ranges[name][2] != own[name].shape[0]:
                     t = fh.get_slice(k)[ranges[name][0]:ranges[name][1]]   # all experts on file: this rank's rows
                 else:
                     t = fh.get_tensor(k)

@@ -41,7 +41,8 @@ Checkpoints (``save_checkpoint`` / ``load_checkpoint``)
 A checkpoint is a folder written atomically (a temporary sibling folder renamed into place, so an interrupted
 save never leaves a half-written checkpoint):
 
-* ``model.safetensors`` - weights (``safetensors.torch.save_model``: tied weights are stored once);
+* ``model.safetensors`` - weights (``safetensors.torch.save_model``: tied weights are stored once; float32, or
+  float16 / int8 rows with ``weights_dtype``, which loading turns back into float32);
 * ``config.json``       - the model's ``.config`` dataclass, when it has one (so :func:`mmkit.hub.load_model_dir`
   can rebuild the model from the folder alone);
 * ``training_state.pt`` - optimizer, LR scheduler and RNG states: tensors and plain Python values only, loaded
@@ -91,8 +92,9 @@ import torch.nn as nn
 from mmkit.config import config_to_dict
 from mmkit.data.scenes import CellData
 from mmkit.data.world import object_labels
-from mmkit.hub import (BASE_FILE, WEIGHTS_FILE, CheckpointError, base_weights, checkpoint_dir, file_hashes,
-                       load_model_dir, load_weights, read_json, verify_checkpoint)
+from mmkit.hub import (BASE_FILE, INT8_FORMAT, INT8_SCALE, WEIGHTS_FILE, CheckpointError, base_weights, checkpoint_dir,
+                       file_hashes, from_int8_rows, int8_rows, load_model_dir, load_weights, read_json, stored_int8,
+                       verify_checkpoint)
 from mmkit.io import atomic_write_json, make_tmp_dir, recover_dir, replace_dir, sha256_file, share_files
 from mmkit.nn.modes import evaluating  # noqa: F401  (re-exported: tasks evaluate models with it)
 from mmkit.nn.moe import ExpertParallelMoE, MoEFeedForward
@@ -102,9 +104,9 @@ __all__ = [
     "StepSampler", "slice_batch", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "unwrap",
     "model_width", "cpu_supports_fast_bf16", "resolve_mixed_precision", "AUTO_BF16_MIN_WIDTH", "end_training",
     "scaled_param_groups", "freeze", "evaluating", "recover_checkpoints", "launcher_strategy", "expert_shard_name",
-    "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half", "unchanged_weights",
-    "delta_over", "thinned_history", "CELL_NAMER", "CELL_NAMER_FAST", "CELL_NAMER_AUG_FRACTION", "CellNamerRun",
-    "namer_parameter_names", "grad_flags_restored", "cell_namers_fixed", "train_cell_namer",
+    "expert_param_names", "expert_ranges", "check_train_config", "rounded_to_half", "rounded_to_int8",
+    "unchanged_weights", "delta_over", "thinned_history", "CELL_NAMER", "CELL_NAMER_FAST", "CELL_NAMER_AUG_FRACTION",
+    "CellNamerRun", "namer_parameter_names", "grad_flags_restored", "cell_namers_fixed", "train_cell_namer",
 ]
 
 CONFIG_NAME = "config.json"
@@ -560,6 +562,11 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     are half the size, and loading casts them back (``load_state_dict`` copies into the float32 model).
     :func:`rounded_to_half` gives the model such a file loads as, so a recipe can measure what it ships.
 
+    ``weights_dtype=torch.int8`` stores every float32 tensor of 2+ dimensions as int8 with one float16 scale per
+    output row (:func:`mmkit.hub.int8_rows`; the file's metadata says so) and the rest (norms, biases) in float16:
+    a quarter of float32, and loading turns them back into float32 (:func:`rounded_to_int8` gives that model). It
+    stores whole models only: with ``exclude`` / ``base`` it raises a ValueError (see :func:`unchanged_weights`).
+
     ``base={"checkpoint": name, "sha256": of its model.safetensors}`` writes a delta checkpoint: ``base.json``
     records the base, and ``exclude`` should name the weights equal to it (:func:`unchanged_weights`); loading
     fills them from the base (:func:`mmkit.hub.base_weights`).
@@ -569,6 +576,15 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     ckpt_dir = Path(ckpt_dir)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise FileExistsError(f"{ckpt_dir} is a file; a checkpoint is a folder")
+    if weights_dtype == torch.int8 and (exclude or base is not None):
+        raise ValueError("weights_dtype=torch.int8 stores whole models only, not a delta or expert-sharded checkpoint "
+                         "(exclude= / base=): a delta leaves out the weights that equal its base's as stored in "
+                         "float16 (unchanged_weights), and expert shards are written unquantized. Save the delta with "
+                         "weights_dtype=torch.float16 (its base may be an int8 checkpoint), or the whole model in int8 "
+                         "without exclude / base")
+    if weights_dtype not in (None, torch.float32, torch.float16, torch.bfloat16, torch.int8):
+        raise ValueError(f"weights_dtype={weights_dtype} is not a weight storage: use torch.float16, torch.bfloat16, "
+                         "torch.int8 (int8 rows with a float16 scale each) or None (as the model holds them)")
     raw = unwrap(model)
     if tmp_dir is None:
         recover_dir(ckpt_dir, _is_complete_checkpoint)     # leftovers of a killed earlier save: put back / delete
@@ -578,9 +594,11 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
             save_model(raw, str(tmp / WEIGHTS_FILE))
         else:
             tensors = _deduplicated(raw, state_dict, set(exclude))
-            if weights_dtype is not None:
+            if weights_dtype == torch.int8:
+                tensors = _int8_tensors(tensors)
+            elif weights_dtype is not None:
                 tensors = {k: v.to(weights_dtype) if v.dtype == torch.float32 else v for k, v in tensors.items()}
-            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=INT8_FORMAT if weights_dtype == torch.int8 else None)
         cfg_dict = _model_config_dict(raw)
         if cfg_dict is not None:
             atomic_write_json(tmp / CONFIG_NAME, _json_safe(cfg_dict))
@@ -615,6 +633,18 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     return ckpt_dir
 
 
+def _int8_tensors(tensors: dict) -> dict:
+    """The tensors of an int8 file: int8 rows + their scales (NAME + INT8_SCALE) where :func:`mmkit.hub.stored_int8`
+    says so, the other float32 tensors in float16, the rest (integer buffers) as they are."""
+    out = {}
+    for k, v in tensors.items():
+        if stored_int8(v):
+            out[k], out[k + INT8_SCALE] = int8_rows(v)
+        else:
+            out[k] = v.half() if v.dtype == torch.float32 else v
+    return out
+
+
 def _deduplicated(raw: nn.Module, state_dict: dict | None, exclude: set) -> dict:
     """Weights to write: ``state_dict`` (or the model's), contiguous CPU tensors, tied weights once (as
     ``safetensors.torch.save_model`` stores them), without the ``exclude`` names."""
@@ -639,6 +669,10 @@ def unchanged_weights(model: nn.Module, base: nn.Module, weights_dtype: torch.dt
     """Names of ``model``'s tensors equal to ``base``'s (same name, shape and values, compared as they would be
     stored in ``weights_dtype``): what a delta checkpoint over ``base`` leaves out (``save_checkpoint(exclude=..,
     base=..)``). A fine-tune that froze its encoders stores only the rest."""
+    if weights_dtype == torch.int8:
+        raise ValueError("unchanged_weights(weights_dtype=torch.int8): a delta checkpoint cannot be stored in int8 "
+                         "(save_checkpoint refuses it); compare as float16 and save the delta with "
+                         "weights_dtype=torch.float16 (its base may be an int8 checkpoint)")
     ref = unwrap(base).state_dict()
     out = []
     for k, v in unwrap(model).state_dict().items():
@@ -670,6 +704,24 @@ def rounded_to_half(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for t in list(out.parameters()) + list(out.buffers()):
             if t.dtype == torch.float32:
+                t.copy_(t.half().float())
+    return out
+
+
+def rounded_to_int8(model: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` whose weights went through int8 storage: what a checkpoint saved with
+    ``weights_dtype=torch.int8`` loads as (int8 rows where :func:`mmkit.hub.stored_int8`, float16 for the other
+    float32 tensors; ``model`` itself is left alone), so a recipe can measure what it ships."""
+    out = copy.deepcopy(unwrap(model))
+    seen = set()
+    with torch.no_grad():
+        for t in out.state_dict().values():           # what the file holds: tied weights once, no transient buffers
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if stored_int8(t):
+                t.copy_(from_int8_rows(*int8_rows(t)))
+            elif t.dtype == torch.float32:
                 t.copy_(t.half().float())
     return out
 

@@ -181,6 +181,8 @@ def test_shipped_checkpoints_load_and_match_their_recipe():
     for system, total in sizes.items():
         assert total < budgets_mb[system] * 2**20, \
             f"{system}'s shipped checkpoints take {total / 2**20:.1f} MB; its budget is {budgets_mb[system]} MB"
+    # issue 12: all of them together at most 25 MB (decimal: what a clone downloads)
+    assert sum(sizes.values()) <= 25e6, f"the shipped checkpoints take {sum(sizes.values()) / 1e6:.2f} MB of 25"
     for d in shipped:
         info = hub.read_recipe_info(d)
         assert info, f"{d} has no recipe.json saying how it was made"

@@ -183,19 +183,44 @@ def test_heldout_pairs_are_kept_out_of_training_and_form_the_unseen_set():
     assert all(s.seed >= 20_000_000 for s in seen.scenes)                          # test split
 
 
-def test_shipped_code_lm_is_faithful_on_heldout_prompts():
-    # the shipped checkpoints (mmkit/checkpoints): floor well under the recipe's measured value (see recipe.json)
+def test_scenes_are_drawn_on_the_one_studio_backdrop():
+    """T2IDataConfig.studio_backdrop: the training images and the evaluation scenes share world.STUDIO, whatever
+    backdrop each scene sampled; the objects stay the scene's own."""
+    from mmkit.data.scenes import SceneBank, on_backdrop, sample_scenes
+    from mmkit.data.world import STUDIO
+
+    own = sample_scenes("test", 6, min_objects=1, max_objects=1)
+    assert len({s.background for s in own}) > 1                                   # sampled shades differ
+    bank = SceneBank.build("test", 6, image_size=32, min_objects=1, max_objects=1, backdrop=STUDIO)
+    assert [s.objects for s in bank.scenes] == [s.objects for s in own]
+    assert all(s.background == STUDIO for s in bank.scenes)
+    top_left = bank.images_u8[:, :, 0, 0]                                        # (N, 3): the first row's colour
+    assert bool((top_left == torch.tensor(STUDIO.top, dtype=torch.uint8)).all()), top_left
+    assert on_backdrop(own, None) == own
+    assert all(s.background == STUDIO for s in eval_prompts(6, "two_objects").scenes)
+
+
+def test_shipped_code_lm_meets_the_faithfulness_targets():
+    """Issue 12 on prompts the recipe never evaluated (test split, from seed offset 2000): the first sample is fully
+    right (count, colour, shape, size, position of every object) for >= 0.70 of held-out prompts and of unseen
+    colour + shape pairs, and for >= 0.5 of two-object prompts; each far above the blind baseline of the same prompts
+    (another scene's real image)."""
     import mmkit
+    from mmkit.data.scenes import render_uint8
+    from mmkit.evaluation.faithfulness import faithfulness_score, wanted_from_scene
     from mmkit.m6.tasks.t2i import evaluate_t2i
 
-    if mmkit.hub.find_checkpoint("m6-tiny-t2i") is None or mmkit.hub.find_checkpoint("vqgan-world") is None:
-        pytest.skip("m6-tiny-t2i / vqgan-world are not shipped yet")
     tok = mmkit.load("tokenizer-world")             # mmkit.load: the zoo registers the VQGAN (mmkit.hub alone did not)
     model, vqgan = mmkit.load("m6-tiny-t2i"), mmkit.load("vqgan-world")
-    res = evaluate_t2i(model, vqgan, tok, eval_prompts(32, "heldout"), SamplingConfig(n_samples=2, seed=0))
-    # chance of all four attributes right is 1/324; measured on 96 prompts: 0.25 (colour 0.62, position 0.87)
-    assert res["mean_all_right"] >= 0.08, res
-    assert res["first_colour"] >= 0.4 and res["first_position"] >= 0.6 and res["first_size"] >= 0.6, res
+    # measured on these prompts (default sampling: top-k 8, T 0.5): held-out 0.919, unseen pairs 0.719 (shape 0.78:
+    # the colour's usual shapes win), two objects 0.698; blind 0.00-0.02
+    for kind, n, target in (("heldout", 160, 0.70), ("unseen_pairs", 160, 0.70), ("two_objects", 96, 0.5)):
+        ep = eval_prompts(n, kind, start=2000)
+        res = evaluate_t2i(model, vqgan, tok, ep, SamplingConfig(n_samples=1, seed=0))
+        real = torch.stack([render_uint8(s, vqgan.config.resolution) for s in ep.scenes]).float() / 255
+        blind = faithfulness_score(real.roll(1, 0), [wanted_from_scene(s) for s in ep.scenes])["all_right"]
+        print(kind, {k: round(v, 3) for k, v in res.items() if k.startswith("first_")}, "blind", blind)
+        assert res["first_all_right"] >= target and res["first_all_right"] >= blind + 0.4, (kind, res, blind)
 
 
 def test_bad_sampling_settings_fail_when_made_not_inside_the_sampler(tok):

@@ -576,3 +576,118 @@ def test_a_delta_checkpoint_stores_only_what_changed_and_loads_over_its_named_ba
         hub.load_model_dir(out, verify=False)
     with pytest.raises(ValueError, match=r"base must be \{'checkpoint': name, 'sha256'"):
         T.save_checkpoint(tmp_path / "bad", tuned, base={"checkpoint": "copynet-base"})
+
+
+# --- int8 weight storage -------------------------------------------------------------------------------
+def test_int8_rows_of_a_hand_computed_matrix():
+    """One float16 scale per row, max |row| / 127; q = round(w / scale) in [-127, 127]; an all-zero row gets scale 1.
+    Row 0: 2 / 127 = 0.0157480... is stored as the float16 0.0157470703125 (= 2**-6 + 8 * 2**-16), so
+    1 / s = 63.50 -> 64, -2 / s = -127.008 -> -127, 0.5 / s = 31.75 -> 32."""
+    from mmkit.hub import from_int8_rows, int8_rows
+
+    q, scale = int8_rows(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
+    assert q.dtype == torch.int8 and q.tolist() == [[64, -127, 32], [0, 0, 0]]
+    assert scale.dtype == torch.float16 and scale.tolist() == [0.0157470703125, 1.0]
+    s = 0.0157470703125
+    assert from_int8_rows(q, scale).tolist() == [[64 * s, -127 * s, 32 * s], [0.0, 0.0, 0.0]]
+    q, scale = int8_rows(torch.tensor([[1e-6, -3e-4]]))    # 3e-4 / 127 is below float16's normal range: 2**-14
+    assert scale.tolist() == [2.0 ** -14] and q.tolist() == [[0, -5]]           # 3e-4 * 2**14 = 4.92
+
+
+def test_an_int8_checkpoint_loads_back_within_half_a_step_with_ties_and_errors_kept(tmp_path):
+    """save_checkpoint(weights_dtype=torch.int8): matrices as int8 rows + float16 scales (marked in the metadata),
+    norms / biases in float16, the tied weight once; loading gives float32 weights within scale / 2 of the model's
+    (exactly rounded_to_int8's), still tied, outputs close to the float32 model's; a damaged file is the usual error."""
+    from safetensors import safe_open
+
+    from mmkit.hub import CheckpointError, load_model_dir
+
+    model = W.make_model(seed=0)
+    with torch.no_grad():
+        model.fc.weight[3].mul_(50)                                   # rows of very different ranges
+        model.fc.weight[5].zero_()                                    # and an all-zero row
+    ck = T.save_checkpoint(tmp_path / "int8", model, step=1, weights_dtype=torch.int8)
+    with safe_open(str(ck / "model.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"mmkit_weights": "int8-rowwise"}
+        dtypes = {k: fh.get_tensor(k).dtype for k in fh.keys()}
+        scale = fh.get_tensor("fc.weight.int8_scale")
+    assert dtypes == {"embed.weight": torch.int8, "embed.weight.int8_scale": torch.float16, "fc.weight": torch.int8,
+                      "fc.weight.int8_scale": torch.float16, "fc.bias": torch.float16,
+                      "norm.weight": torch.float16, "norm.bias": torch.float16}     # head.weight: tied to embed
+    assert scale.shape == (16,) and scale[5] == 1.0
+
+    loaded = W.make_model(seed=7)
+    T.load_checkpoint(ck, loaded)
+    err = (loaded.fc.weight - model.fc.weight).abs().detach()
+    assert (err <= scale.float()[:, None] / 2 + 1e-7).all() and (loaded.fc.weight[5] == 0).all()
+    assert (loaded.fc.bias - model.fc.bias.half().float()).abs().max() == 0
+    for k, v in T.rounded_to_int8(model).state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.head.weight.data_ptr() == loaded.embed.weight.data_ptr(), "tied weights stay tied"
+    rebuilt = load_model_dir(ck)
+    assert rebuilt.head.weight.data_ptr() == rebuilt.embed.weight.data_ptr()
+    from mmkit.runs import load_init                                  # a next stage's init_from reads int8 too
+
+    staged = W.make_model(seed=9)
+    report = load_init(staged, ck)
+    assert report.dropped == [] and report.new == []                  # the scales are not weights of their own
+    assert all(torch.equal(staged.state_dict()[k], v) for k, v in loaded.state_dict().items())
+    x = W.make_dataset(64).tensors[0]
+    with torch.no_grad():
+        ref, out = model.eval()(x), rebuilt(x)
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()                 # measured: 0.015
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+    # the existing checks hold for int8 files: another model size, another model, a truncated file
+    with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit CopyNet: size mismatch"):
+        T.load_checkpoint(ck, W.make_model(d_model=24))
+    other = nn.Sequential(nn.Linear(3, 3))
+    T.save_checkpoint(tmp_path / "other", other, step=1, weights_dtype=torch.int8)
+    with pytest.raises(CheckpointError, match=r"does not match CopyNet: missing \['embed.weight', 'fc.bias', .*"
+                                              r"unexpected \['0.bias', '0.weight'\]"):
+        T.load_checkpoint(tmp_path / "other", W.make_model())
+    state = json.loads((ck / "trainer_state.json").read_text())
+    del state["sha256"]                                               # unrecorded: the reader itself must object
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors cannot be read as safetensors.*truncated"):
+        T.load_checkpoint(ck, W.make_model())
+
+
+def test_int8_stores_whole_models_and_a_float16_delta_loads_over_an_int8_base(tmp_path, monkeypatch):
+    """A delta is refused in int8 (its left-out weights are compared in float16), with the fix in the message; a
+    float16 delta over an int8 base loads its unchanged weights from the base's int8 rows, bit for bit."""
+    from mmkit import hub
+    from mmkit.io import sha256_file
+
+    monkeypatch.setattr(hub, "SHIPPED_DIR", tmp_path / "shipped")
+    monkeypatch.setenv("MMKIT_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "shipped" / "copynet-base"
+    T.save_checkpoint(d, W.make_model(seed=0), step=1, weights_dtype=torch.int8)
+    (d / "recipe.json").write_text('{"kind": "model"}')
+    base = hub.load_model_dir(d)                                             # as shipped (int8 rows)
+    tuned = W.make_model(seed=0)
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        tuned.fc.weight.add_(0.5)
+    record = {"checkpoint": "copynet-base", "sha256": sha256_file(d / "model.safetensors")}
+    same = T.unchanged_weights(tuned, base, torch.float16)
+    for kw in (dict(exclude=same, base=record), dict(exclude=same)):
+        with pytest.raises(ValueError, match=r"weights_dtype=torch\.int8 stores whole models only.*"
+                                             r"Save the delta with weights_dtype=torch\.float16"):
+            T.save_checkpoint(tmp_path / "tuned", tuned, step=2, weights_dtype=torch.int8, **kw)
+    with pytest.raises(ValueError, match=r"cannot be stored in int8"):
+        T.unchanged_weights(tuned, base, torch.int8)
+    with pytest.raises(ValueError, match=r"is not a weight storage"):
+        T.save_checkpoint(tmp_path / "tuned", tuned, weights_dtype=torch.uint8)
+    assert not (tmp_path / "tuned").exists()
+
+    out = T.save_checkpoint(tmp_path / "tuned", tuned, step=2, exclude=same, base=record, weights_dtype=torch.float16)
+    assert sorted(load_file(out / "model.safetensors")) == ["fc.weight"]
+    loaded = hub.load_path(out)
+    assert torch.equal(loaded.fc.weight, tuned.fc.weight.half().float())      # the delta's own tensor
+    for k, v in base.state_dict().items():                                     # the rest: the int8 base, dequantized
+        if k != "fc.weight":
+            assert torch.equal(loaded.state_dict()[k], v), k
+    assert loaded.head.weight.data_ptr() == loaded.embed.weight.data_ptr(), "tied weights stay tied"

@@ -34,7 +34,7 @@ RETRIEVAL_TIMES_CHANCE = {1: 15, 5: 10, 10: 8}
 
 def test_recipes_chain_the_stages():
     needs = {n: zoo.get_recipe(n).needs for n in zoo.recipe_names() if n.startswith("vlmo-")}
-    assert needs["vlmo-tiny-stage1"] == ("vqgan-world",)                  # MIM targets: the kit's VQGAN codes
+    assert needs["vlmo-tiny-stage1"] == ("vqgan-world-32",)                # MIM targets: the kit's VQGAN codes
     assert needs["vlmo-tiny-stage2"] == ("vlmo-tiny-stage1",)
     assert needs["vlmo-tiny-pretrained"] == ("vlmo-tiny-stage2",)
     for down in ("vlmo-tiny-retrieval", "vlmo-tiny-vqa", "vlmo-tiny-image-cls"):

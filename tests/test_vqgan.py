@@ -11,6 +11,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import yaml
 
 import mmkit
@@ -56,7 +57,7 @@ def test_encode_decode_shapes_and_ranges():
 
 def test_preset_and_config_round_trip():
     cfg = mmkit.load_config("vqgan-world-tiny")
-    assert (cfg.resolution, cfg.grid_size, cfg.n_embed, cfg.object_weight) == (32, 8, 256, 1.0)
+    assert (cfg.resolution, cfg.grid_size, cfg.n_embed, cfg.object_weight, cfg.local_encoder) == (64, 16, 512, 2.0, True)
     assert config_from_dict(config_to_dict(cfg)) == cfg
     m = mmkit.build_model("vqgan-world-tiny", device="meta")
     keys = set(m.state_dict())
@@ -193,6 +194,61 @@ def test_disc_start_and_step_counter():
 
 
 # --- codebook statistics ---------------------------------------------------------------------------------------
+
+def test_local_encoder_codes_depend_on_their_neighbourhood_only():
+    from mmkit.vqgan.model import PixelChannelNorm
+
+    x = torch.randn(2, 4, 3, 5)
+    norm = PixelChannelNorm(4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, 1.0]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, 0.0, -1.0]))
+    mu, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)   # over the channels of each pixel
+    want = (x - mu) / torch.sqrt(var + 1e-6) * norm.weight.view(1, 4, 1, 1) + norm.bias.view(1, 4, 1, 1)
+    torch.testing.assert_close(norm(x), want)
+
+    images = _images(1, size=64)
+    changed = images.clone()
+    changed[:, :, 48:, 48:] = torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1)     # paint the bottom-right corner
+    for local in (True, False):
+        model = _model(resolution=64, local_encoder=local).eval()
+        with torch.no_grad():
+            z = [model.quant_conv(model.encoder(im * 2 - 1)) for im in (images, changed)]   # (1, E, 16, 16)
+        far = (z[0] - z[1])[..., :4, :4].abs().max()                              # the top-left codes
+        if local:
+            assert far < 1e-5, far                                                 # untouched by the far change
+            assert not any(isinstance(m, nn.GroupNorm) for m in model.encoder.modules())
+        else:
+            assert far > 1e-3, far                # taming's GroupNorm / attention see the whole image
+    # the decoder is taming's either way, and the encoder's parameter names are GroupNorm's
+    local, plain = _model(local_encoder=True), _model()
+    assert set(local.state_dict()) == {k for k in plain.state_dict() if not k.startswith("encoder.mid.attn_1.")}
+
+
+def test_backdrop_code_entropy_by_hand():
+    """A tokenizer whose code at (0, 0) alternates between two values has 1 bit there and 0 at every other backdrop
+    cell, so 1 / (backdrop cells) bits on average; an object's neighbourhood is not backdrop."""
+    from types import SimpleNamespace
+
+    from mmkit.data.world import make_scene
+    from mmkit.vqgan.training import backdrop_code_entropy
+
+    class Alternating(nn.Module):
+        config = SimpleNamespace(resolution=32, n_embed=8)
+        downsample_factor = 4
+
+        def encode(self, images):
+            codes = torch.full((len(images), 8, 8), 3)
+            codes[::2, 0, 0] = 5                                                      # every other image
+            return codes
+
+    corner = [make_scene([("circle", "red", "small", "bottom right")])] * 40
+    got = backdrop_code_entropy(Alternating(), corner)
+    assert 40 < got["positions"] < 64 and got["share"] == got["positions"] / 64       # the corner's cells left out
+    assert abs(got["bits"] - 1 / got["positions"]) < 1e-9, got                         # 1 bit at (0, 0), 0 elsewhere
+    centre = backdrop_code_entropy(Alternating(), [make_scene([("square", "red", "large", "center")])] * 40)
+    assert centre["positions"] < got["positions"] and abs(centre["bits"] - 1 / centre["positions"]) < 1e-9, centre
+
 
 def test_codebook_usage_by_hand():
     s = codebook_usage(torch.tensor([[0, 0], [1, 3]]), 5)       # p = [.5, .25, 0, .25, 0]
@@ -451,22 +507,25 @@ def test_fast_recipe_ships_a_small_checkpoint_that_the_hub_loads(tmp_path):
 
 def test_shipped_tokenizer_reconstructions_are_read_right():
     """What the shipped vqgan-world keeps is what the pixel check reads back from decode(encode(x)) of held-out test
-    scenes, against the blind baseline of another scene's real image. This is text-to-image's ceiling. Issue 12 asks
-    0.95; at 32 px even the real renders are read right only ~0.95 of the time (notebook 06, section 6), and this
-    tokenizer's 4x4-pixel codes lose the shape of small objects."""
-    from mmkit.data.scenes import render_uint8, sample_scenes
+    scenes (on the studio backdrop text-to-image draws), against the blind baseline of another scene's real image.
+    This is text-to-image's ceiling; issue 12 asks 0.95. vqgan-world-32 (VLMo's MIM targets, text-to-image's tokenizer
+    before) is checked beside it: at 32 px its 4x4-pixel codes lose the shape of small objects."""
+    from mmkit.data.scenes import on_backdrop, render_uint8, sample_scenes
+    from mmkit.data.world import STUDIO
     from mmkit.evaluation.faithfulness import faithfulness_score, wanted_from_scene
     from mmkit.vqgan.training import reconstruction_read_right
 
-    vq = mmkit.load("vqgan-world")
-    S = vq.config.resolution
-    # measured on these scenes: one object 0.562 (shape 0.638), two objects 0.362; the same recipe at 64 px, 16x16 codes
-    # and object_weight=2.0 gave 0.856 / 0.806 (not shipped: its code LM was no more faithful, see vqgan-world-tiny)
-    for n_objects, floor in ((1, 0.50), (2, 0.30)):
-        scenes = sample_scenes("test", 160, start=5000, min_objects=n_objects, max_objects=n_objects)
+    # measured on these scenes: vqgan-world one object 0.983 (shape 0.983), two objects 0.969; vqgan-world-32 one
+    # object 0.5625 (shape 0.64); blind 0.01-0.02
+    for name, backdrop, n_objects, n, floor in (("vqgan-world", STUDIO, 1, 300, 0.95), ("vqgan-world", STUDIO, 2, 160, 0.9),
+                                                 ("vqgan-world-32", None, 1, 160, 0.55)):
+        vq = mmkit.load(name)
+        S = vq.config.resolution
+        scenes = on_backdrop(sample_scenes("test", n, start=5000, min_objects=n_objects, max_objects=n_objects),
+                             backdrop)
         got = reconstruction_read_right(vq, scenes)
         real = torch.stack([render_uint8(s, S) for s in scenes]).float() / 255
         blind = faithfulness_score(real.roll(1, 0), [wanted_from_scene(s) for s in scenes])
-        print(n_objects, "object(s): reconstruction", got, "blind", blind["all_right"])
-        assert got["all_right"] >= floor and got["all_right"] >= blind["all_right"] + 0.3, (got, blind)
-        assert got["colour"] >= 0.85 and got["position"] >= 0.9, got
+        print(name, n_objects, "object(s): reconstruction", got, "blind", blind["all_right"])
+        assert got["all_right"] >= floor and got["all_right"] >= blind["all_right"] + 0.5, (got, blind)
+        assert got["colour"] >= 0.9 and got["position"] >= 0.95, got

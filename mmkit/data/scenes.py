@@ -12,15 +12,16 @@ scenes on every machine, and the splits never share a scene.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from mmkit.data.augment import augmented_batch_u8
-from mmkit.data.world import Scene, object_labels, render, sample_scene, split_seeds
+from mmkit.data.world import Background, Scene, object_labels, render, sample_scene, split_seeds
 
-__all__ = ["SceneBank", "CellData", "render_uint8", "sample_scenes"]
+__all__ = ["SceneBank", "CellData", "render_uint8", "sample_scenes", "on_backdrop"]
 
 
 def render_uint8(scene: Scene, size: int) -> torch.Tensor:
@@ -43,6 +44,12 @@ def sample_scenes(split: str, n: int, *, start: int = 0, min_objects: int = 1, m
     return scenes[:n]
 
 
+def on_backdrop(scenes: Sequence[Scene], backdrop: Background | None) -> list[Scene]:
+    """The same ``scenes`` drawn on ``backdrop`` (e.g. ``world.STUDIO``, the one text-to-image draws on); None: each
+    keeps its own sampled backdrop."""
+    return list(scenes) if backdrop is None else [replace(s, background=backdrop) for s in scenes]
+
+
 class SceneBank:
     """Scenes of one split, their rendered images as uint8 and (optionally) an augmented view of the first ones.
 
@@ -60,14 +67,16 @@ class SceneBank:
     @classmethod
     def build(cls, split: str, n: int, *, image_size: int, start: int = 0, min_objects: int = 1,
               max_objects: int = 3, n_augmented: int = 0, augment_seed: int = 0,
-              keep: Callable[[Scene], bool] | None = None) -> "SceneBank":
+              keep: Callable[[Scene], bool] | None = None, backdrop: Background | None = None) -> "SceneBank":
         """Render ``n`` scenes of ``split`` (seeds from offset ``start``) at ``image_size`` px, and augmented views
         (:mod:`mmkit.data.augment`, seeded by ``augment_seed``) of the first ``n_augmented``.
 
         ``keep(scene) -> bool`` filters scenes: seeds are then read on until ``n`` scenes are kept (e.g. leaving out
-        colour + shape pairs held out of a training set).
+        colour + shape pairs held out of a training set). ``backdrop``: draw every scene on this one instead of its
+        own sampled shade (the scenes returned carry it).
         """
         scenes = sample_scenes(split, n, start=start, min_objects=min_objects, max_objects=max_objects, keep=keep)
+        scenes = on_backdrop(scenes, backdrop)
         images = torch.stack([render_uint8(s, image_size) for s in scenes]) if scenes else \
             torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
         n_aug = min(n_augmented, len(scenes))

@@ -143,6 +143,10 @@ class Background:
     bottom: tuple[int, int, int] = (238, 238, 236)    # colour of the last row
 
 
+STUDIO = Background()     # the one backdrop text-to-image draws every scene on: no prompt names a shade, so a
+                          # code LM should not spend its codes sampling one (T2IDataConfig.studio_backdrop)
+
+
 @dataclass(frozen=True)
 class Scene:
     """A list of objects in distinct grid cells; ``seed`` is the seed it was sampled from (or -1)."""

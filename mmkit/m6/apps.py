@@ -48,8 +48,8 @@ def load_t2i() -> T2IBundle:
     return T2IBundle(hub.load("m6-tiny-t2i"), hub.load("vqgan-world"), world_tokenizer(), itm)
 
 
-def t2i_samples(b: T2IBundle, prompt: str, *, n_samples: int = 4, top_k: int | None = 8, temperature: float = 1.0,
-                seed: int = 0) -> Iterator[torch.Tensor]:
+def t2i_samples(b: T2IBundle, prompt: str, *, n_samples: int = 4, top_k: int | None = 8,
+                temperature: float = SamplingConfig.temperature, seed: int = 0) -> Iterator[torch.Tensor]:
     """M6 §4.1 samples of one prompt, one (3, S, S) image at a time."""
     sampling = SamplingConfig(n_samples=n_samples, top_k=top_k, temperature=temperature, seed=seed)
     for _, _, images in iter_samples(b.model, b.vqgan, b.tok, [prompt], sampling):

@@ -718,7 +718,7 @@ class M6T2IConfig(M6Config):
     model_type: str = "m6-t2i"
     vocab_size: int = 768          # joint vocabulary: the pretrained M6's 512 word ids + n_codes image codes
     code_offset: int = 512         # id of <code_0>: codes come right after the pretrained word vocabulary
-    n_codes: int = 256             # VQGAN codebook size (vqgan-world: 256)
+    n_codes: int = 256             # VQGAN codebook size (vqgan-world: 512, vqgan-world-32: 256)
     code_grid: int = 8             # codes per image side: an image is code_grid**2 codes in raster order
     max_prompt_tokens: int = 48    # prompts are cut to this many word tokens (the longest world prompt: ~30)
 
@@ -734,7 +734,7 @@ class M6T2IConfig(M6Config):
 
     @property
     def n_image_codes(self) -> int:
-        """Codes per image (64 for an 8x8 grid)."""
+        """Codes per image (256 for a 16x16 grid)."""
         return self.code_grid ** 2
 
 
@@ -780,7 +780,7 @@ class M6T2I(M6Model):
         return codes.reshape(codes.shape[0], -1).long() + self.config.code_offset
 
     def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
-        """Model ids (B, 64) -> VQGAN codes (B, 8, 8); raises if an id is not a code."""
+        """Model ids (B, g*g) -> VQGAN codes (B, g, g); raises if an id is not a code."""
         c = self.config
         codes = ids.long() - c.code_offset
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c.n_codes):
@@ -825,7 +825,8 @@ register_model("m6_itm", M6ITMConfig, M6ForImageTextMatching)
 register_preset("m6-tiny-itm", lambda: M6ITMConfig())
 
 register_model("m6-t2i", M6T2IConfig, M6T2I)
-# m6-tiny's architecture with 256 image codes added (what from_pretrained_m6 builds from m6-tiny-pretrained)
-register_preset("m6-tiny-t2i", lambda: M6T2IConfig())
+# m6-tiny's architecture with the 512 codes of vqgan-world added, 16x16 codes per image (what from_pretrained_m6
+# builds from m6-tiny-pretrained and the shipped tokenizer)
+register_preset("m6-tiny-t2i", lambda: M6T2IConfig(vocab_size=1024, n_codes=512, code_grid=16))
 
 register_cached_forward(M6Model, M6Model.cached_step)

@@ -17,13 +17,14 @@ through one code token per cell (issue 14; notebook 08 §4), and mplug-tiny-vqa 
 have learned to read those codes. Each of these fine-tunes keeps its cell namer fixed
 (:func:`mmkit.train.cell_namers_fixed`; without that, 1000 NLVR2 steps erased VLMo's namer).
 
-Each recipe writes ``model.safetensors`` + ``config.json`` (+ trainer state) into the folder it is given and returns
-the metrics it measured (:func:`mmkit.hub.run_recipe` stores them in ``recipe.json``). Checkpoints are stored without
-the momentum encoders and queue (an ALBEF training device; a recipe that needs them adds fresh copies synced to the
-online encoders, ``model.with_config(momentum_encoders=True)``) and in float16 (``save_half``: the recipes measure
-the difference this makes), so that the shipped ones fit the kit's size budget. The SNLI-VE and NLVR2 classifiers
-store only the tensors they changed over mplug-tiny-vqa (:func:`mmkit.train.delta_over`; ``base.json`` names it).
-CPU seconds are the process's CPU time (``time.process_time``, every thread).
+Each recipe writes ``model.safetensors`` + ``config.json`` (+ trainer state) into the folder it is given and returns the
+metrics it measured (:func:`mmkit.hub.run_recipe` stores them in ``recipe.json``). Checkpoints are stored without the
+momentum encoders and queue (an ALBEF training device; a recipe that needs them adds fresh copies synced to the online
+encoders, ``model.with_config(momentum_encoders=True)``) and in float16 (``save_half``: the recipes measure the
+difference this makes), mplug-tiny-pretrained as int8 rows with a float16 scale each (``weights_dtype=torch.int8``; the
+effect measured in its recipe.json's "storage"), so that the shipped ones fit the kit's size budget. The SNLI-VE and
+NLVR2 classifiers store only the tensors they changed over mplug-tiny-vqa (:func:`mmkit.train.delta_over`; ``base.json``
+names it). CPU seconds are the process's CPU time (``time.process_time``, every thread).
 """
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ def _r4(v) -> float:
     return round(float(v), 4)
 
 
-def save_half(out_dir: Path, model, **kw) -> Path:
-    """:func:`mmkit.train.save_checkpoint` in float16 of ``model`` without momentum encoders and queue (loading
-    casts the weights back to float32: ``load_state_dict`` copies into the float32 model)."""
+def save_half(out_dir: Path, model, weights_dtype=torch.float16, **kw) -> Path:
+    """:func:`mmkit.train.save_checkpoint` in float16 (or ``weights_dtype``: int8 rows) of ``model`` without momentum
+    encoders and queue (loading casts the weights back to float32: ``load_state_dict`` copies into the float32
+    model)."""
     m = model.with_config(momentum_encoders=False) if getattr(model.config, "momentum_encoders", False) else model
-    return save_checkpoint(out_dir, m, weights_dtype=torch.float16, **kw)
+    return save_checkpoint(out_dir, m, weights_dtype=weights_dtype, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def train_mplug_tiny_pretrained(out_dir: Path, fast: bool) -> dict:
     cap = evaluate_captioning(model, "test", n=32 if fast else 96, method="greedy")
     metrics.update(zero_shot_caption_bleu4=_r4(cap.scores.bleu4), zero_shot_caption_cider=_r4(cap.scores.cider),
                    zero_shot_caption_attr_acc=_r4(cap.scores.attr_acc))
-    save_half(out_dir, model, step=run.result.step, train_config=tcfg, history=thinned_history(hist, 10),
+    save_half(out_dir, model, torch.int8, step=run.result.step, train_config=tcfg, history=thinned_history(hist, 10),
               extra={"pretrain_config": dataclasses.asdict(pcfg), "stages": dataclasses.asdict(st),
                      "stage0_history": run.vision.history[::10] if run.vision else [],
                      "stage1_history": thinned_history(run.itc.history, 5) if run.itc else []})

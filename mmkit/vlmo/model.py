@@ -128,7 +128,7 @@ class VLMoConfig:
     image_std: tuple = (0.5, 0.5, 0.5)
     # -- heads -----------------------------------------------------------------------------------------------
     temperature_init: float = 0.07  # σ of the ITC softmax at the start (official: logit scale log(1/0.07))
-    n_image_codes: int = 256       # MIM targets: the image tokenizer's codebook size (vqgan-world: 256 codes;
+    n_image_codes: int = 256       # MIM targets: the image tokenizer's codebook size (vqgan-world-32: 256 codes;
                                    # BEiT's DALL-E tokenizer: 8192)
     tie_word_embeddings: bool = False  # MLM decoder tied to the word embedding (BERT ties; the official VLMo's
                                    # MLMHead has its own decoder, so False)

@@ -30,7 +30,7 @@ __all__ = ["VLMoRunOptions"]
 @dataclass
 class VLMoRunOptions(PretrainConfig):
     # PretrainConfig's fields (data sizes, masking, loss weights, expert initialisation between stages) plus:
-    image_tokenizer: str = "vqgan-world"   # stage 1: the checkpoint (hub name) whose codes MIM predicts
+    image_tokenizer: str = "vqgan-world-32"  # stage 1: the checkpoint (hub name) whose codes MIM predicts
     n_scenes: int = 4000                   # vlmo-vqa: training scenes
 
 

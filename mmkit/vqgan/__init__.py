@@ -2,6 +2,6 @@
 modelling (VLMo §3.4, stage 1 predicts its codes as BEiT does): images <-> grids of discrete codes.
 
     model.py      config, the taming-based autoencoder + quantizer + discriminator, official checkpoint loading
-    training.py   the loss as the one training loop takes it, reconstruction metrics, the ``vqgan-world`` recipe
+    training.py   the loss as the one training loop takes it, reconstruction metrics, the ``vqgan-world`` (text-to-image) and ``vqgan-world-32`` (VLMo MIM) recipes
 """
 from mmkit.vqgan import model, training  # noqa: F401  (registration)

@@ -91,6 +91,12 @@ class VQGANConfig:
     dropout: float = 0.0           # dropout inside the ResNet blocks (official: 0)
     resamp_with_conv: bool = True  # strided / upsampling convs rather than pooling / nearest only (official)
     z_channels: int = 32           # encoder output channels (official: 256)
+    local_encoder: bool = False    # encoder without its middle self-attention and with a per-pixel channel norm in
+                                   # place of GroupNorm (whose statistics span the image), so a code depends on its
+                                   # neighbourhood only and a plain backdrop always gets the same codes. Measured on
+                                   # the 32 px world (taming's encoder): the backdrop's codes changed with the
+                                   # object elsewhere in the image, 4.3 bits per position, all of it noise a code
+                                   # LM must learn to sample. The decoder is taming's either way (official: False)
     # -- vector quantizer (taming's VectorQuantizer2) ---------------------------------------------------------
     n_embed: int = 256             # codebook size K: the image-code vocabulary of the code LM (official: 1024 or
                                    # 16384)
@@ -259,6 +265,33 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+class PixelChannelNorm(nn.Module):
+    """A LayerNorm over the channels of each pixel, ``(B, C, H, W) -> (B, C, H, W)``, with GroupNorm's parameter
+    names (``weight``, ``bias``): the normalisation of ``VQGANConfig.local_encoder``, local where GroupNorm's
+    statistics span the whole image."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)  # (B, H, W, C)
+        return y.permute(0, 3, 1, 2)
+
+
+def make_local(encoder: nn.Module) -> nn.Module:
+    """Taming's Encoder made local in place (``VQGANConfig.local_encoder``): its middle attention becomes the
+    identity and every GroupNorm a :class:`PixelChannelNorm` of the same width. Returns ``encoder``."""
+    encoder.mid.attn_1 = nn.Identity()
+    for name, module in list(encoder.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(module, child_name, PixelChannelNorm(child.num_channels, child.eps))
+    return encoder
+
+
 class VQGANLoss(nn.Module):
     """What only training needs, under ``loss.*`` as in taming (``loss.discriminator.*`` keys line up with official
     checkpoints; their ``loss.perceptual_loss.*`` LPIPS weights have no counterpart here)."""
@@ -291,6 +324,8 @@ class VQGAN(nn.Module):
         with _quiet():
             self.encoder = Encoder(**dd)
             self.decoder = Decoder(**dd)
+        if c.local_encoder:
+            make_local(self.encoder)
         # sane_index_shape: indices come back as (B, h, w); no remap (official models do not use one)
         self.quantize = VectorQuantizer2(c.n_embed, c.embed_dim, beta=c.beta, remap=None, sane_index_shape=True,
                                          legacy=c.legacy_beta)
@@ -719,17 +754,19 @@ def load_taming_checkpoint(ckpt_path: str | Path, config: Any, verbose: bool = T
 
 register_model("vqgan", VQGANConfig, VQGAN)
 
-# 32 px world images -> 8x8 = 64 codes from a 256-code book; 0.82M parameters (the discriminator 43K): a 3.3 MB
-# safetensors file. Why 32 px: the same 8x8 code grid from 64 px (ch_mult (1, 1, 2, 2), 1.06M parameters) cost
-# 4.3x as much per image (0.62 s per step of 8 vs 0.29 s per step of 16, side by side on the shared cores) and
-# had learnt less after 800 steps (val MSE 0.0042 vs 0.0022, object colours right 35% vs 57%); m6-tiny reads
-# 32 px images too. Training on 32 px crops of 64 px images does not transfer (val MSE 0.025 on full images:
-# the middle attention and GroupNorm see other statistics).
-# The shipped world tokenizer: 32 px -> 8x8 codes of 256. Measured for issue 12 (notebook 06, section 6): the pixel
-# check reads real 32 px renders right 0.953 of the time (64 px: 1.000), these reconstructions 0.58 (shape 0.64).
-# The same recipe at 64 px -> 16x16 codes with object_weight=2.0 read right 0.887 (shape 0.89), but its 1200-step
-# code LM drew no more faithful first samples (0.41 on held-out prompts), so it is not shipped.
-register_preset("vqgan-world-tiny", lambda: VQGANConfig())
+# The shipped world tokenizer (issue 12): 64 px -> 16x16 codes of 512, a local encoder, object pixels weighted x2,
+# trained on scenes drawn on the studio backdrop. Why each (measured, notebook 06 section 6 shows the ceilings):
+# * 64 px: the pixel check reads real 32 px renders right only ~0.95 of the time (64 px: 1.00), so no 32 px
+#   tokenizer can reach 0.95. The 32 px / 8x8 / 256 tokenizer it replaces read its reconstructions right 0.58.
+# * 16x16 codes (factor 4): 64 px at 8x8 codes of 1024 mixed up colours (read right 0.22 after 1500 steps).
+# * local_encoder + one backdrop: with taming's encoder the codes of a plain backdrop changed with the object
+#   elsewhere in the image (3.0 bits per background position, 32 px); local, on one backdrop: 0.26 bits, and the
+#   same 800-step code LM drew held-out prompts right 0.26 instead of 0.15 (counts 0.98 instead of 0.87).
+register_preset("vqgan-world-tiny", lambda: VQGANConfig(resolution=64, n_embed=512, object_weight=2.0,
+                                                        local_encoder=True, disc_start=1700))
+# Text-to-image's tokenizer before issue 12, kept as VLMo's masked-image-modelling targets (its 32 px images, 8x8
+# patches, 256-way MIM head): 32 px -> 8x8 codes of 256, taming's encoder, the world's own backdrops.
+register_preset("vqgan-world-32", lambda: VQGANConfig())
 # The architecture of taming's vqgan_imagenet_f16_1024 (configs/model.yaml of the official download): 256 px ->
 # 16x16 codes of 1024. load_taming_checkpoint(ckpt, "vqgan-imagenet-f16-1024") works without the YAML.
 register_preset("vqgan-imagenet-f16-1024", lambda: VQGANConfig(

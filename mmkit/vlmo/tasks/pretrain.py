@@ -2,7 +2,7 @@
 each stage trains, and a runner.
 
     cfg = PretrainConfig()
-    vqgan = ...                                                   # the image tokenizer, e.g. mmkit.load("vqgan-world")
+    vqgan = ...                                                   # the image tokenizer, e.g. mmkit.load("vqgan-world-32")
     images = ImageData.build(cfg, vqgan, model.grid_size)         # stage 1: images + their codes + block masks
     run_stage(model, 1, images, TrainConfig(steps=..))            # BEiT masked image modelling: attention + V-FFN
     texts = TextData.build(cfg, tok, model.config.max_text_len)   # stage 2: text-only, whole-word masked
@@ -36,7 +36,7 @@ MIM targets and the patch grid. BEiT's tokenizer sees the image at a resolution 
 patch grid (224 px in 16 px patches = 14x14 patches; the DALL-E tokenizer downsamples 8x, so it reads 112 px).
 Here :func:`mim_codes` resizes the images to ``grid * f`` (f = the VQGAN's downsampling factor) and checks that the
 code grid is ``grid x grid``; codes and patches are both in raster order, so code ``i * grid + j`` is the target
-of patch ``i * grid + j``. vlmo-tiny (32 px, P = 4: 8x8) with vqgan-world (f = 4) reads the images as they are.
+of patch ``i * grid + j``. vlmo-tiny (32 px, P = 4: 8x8) with vqgan-world-32 (f = 4) reads the images as they are.
 
 Several processes. Every batch is built whole by ``batch_fn`` (the global batch, masks included) and
 :func:`mmkit.train.train` slices it, so the masks do not depend on the number of processes. ITC gathers the
@@ -491,7 +491,7 @@ def stagewise_pretrain(model, config: PretrainConfig, train_configs: dict[int, T
         if s == 1:
             if image_tokenizer is None:
                 raise ValueError("stage 1 (masked image modelling) needs the image tokenizer, e.g. "
-                                 "mmkit.load('vqgan-world')")
+                                 "mmkit.load('vqgan-world-32')")
             data = ImageData.build(config, image_tokenizer, c.grid_size)
         elif s == 2:
             data = TextData.build(config, tokenizer, c.max_text_len)
