@@ -93,10 +93,11 @@ class VQGANConfig:
     z_channels: int = 32           # encoder output channels (official: 256)
     local_encoder: bool = False    # encoder without its middle self-attention and with a per-pixel channel norm in
                                    # place of GroupNorm (whose statistics span the image), so a code depends on its
-                                   # neighbourhood only and a plain backdrop always gets the same codes. Measured on
-                                   # the 32 px world (taming's encoder): the backdrop's codes changed with the
-                                   # object elsewhere in the image, 4.3 bits per position, all of it noise a code
-                                   # LM must learn to sample. The decoder is taming's either way (official: False)
+                                   # neighbourhood only and a plain backdrop always gets the same codes. Measured
+                                   # (training.backdrop_code_entropy): with taming's encoder a backdrop position
+                                   # carried 3.0 bits, changing with the object elsewhere in the image, all of it
+                                   # noise a code LM must learn to sample; local, on one backdrop, 0.3. The decoder
+                                   # is taming's either way (official: False)
     # -- vector quantizer (taming's VectorQuantizer2) ---------------------------------------------------------
     n_embed: int = 256             # codebook size K: the image-code vocabulary of the code LM (official: 1024 or
                                    # 16384)
@@ -285,7 +286,7 @@ def make_local(encoder: nn.Module) -> nn.Module:
     """Taming's Encoder made local in place (``VQGANConfig.local_encoder``): its middle attention becomes the
     identity and every GroupNorm a :class:`PixelChannelNorm` of the same width. Returns ``encoder``."""
     encoder.mid.attn_1 = nn.Identity()
-    for name, module in list(encoder.named_modules()):
+    for module in list(encoder.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.GroupNorm):
                 setattr(module, child_name, PixelChannelNorm(child.num_channels, child.eps))
