@@ -351,9 +351,9 @@ def _load_safetensors(model, weights: Path, device: str, fix: str) -> tuple[list
     file (``INT8_FORMAT``) is read back to float32 first (:func:`_load_int8`)."""
     try:
         with safe_open(str(weights), "pt") as fh:
-            int8 = is_int8_file(fh)
-        if int8:
-            return _load_int8(model, weights)
+            state = read_weights(fh) if is_int8_file(fh) else None        # one read: the format, then the tensors
+        if state is not None:
+            return _load_int8(model, state)
         return load_model(model, str(weights), strict=False, device=str(device))
     except SafetensorError as e:
         raise CheckpointError(f"{weights} cannot be read as safetensors ({e}): the file is truncated or damaged. "
@@ -365,12 +365,11 @@ def _load_safetensors(model, weights: Path, device: str, fix: str) -> tuple[list
             from None
 
 
-def _load_int8(model, weights: Path) -> tuple[list, list]:
-    """What ``safetensors.torch.load_model(strict=False)`` does, for a file whose tensors must be dequantized first:
-    load them, then report (missing, unexpected) with tied weights counted as safetensors counts them (stored under
-    one of their names: the others are not missing; a second name of a tied group in the file is unexpected)."""
-    with safe_open(str(weights), "pt") as fh:
-        state = read_weights(fh)
+def _load_int8(model, state: dict) -> tuple[list, list]:
+    """What ``safetensors.torch.load_model(strict=False)`` does, for an int8 file's tensors already turned back into
+    float32 (``state``): load them, then report (missing, unexpected) with tied weights counted as safetensors counts
+    them (stored under one of their names: the others are not missing; a second name of a tied group in the file is
+    unexpected)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     groups: dict[int, list] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
