@@ -371,10 +371,7 @@ def _load_int8(model, state: dict) -> tuple[list, list]:
     them (stored under one of their names: the others are not missing; a second name of a tied group in the file is
     unexpected)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    groups: dict[int, list] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(n)
-    for names in groups.values():
+    for names in _tied_groups(model):
         stored = sorted(n for n in names if n in state)
         if stored:
             missing = [n for n in missing if n not in names]
@@ -382,14 +379,19 @@ def _load_int8(model, state: dict) -> tuple[list, list]:
     return missing, unexpected
 
 
+def _tied_groups(model) -> list[set]:
+    """The parameter names of ``model`` grouped by the tensor they name (a tied weight: one group of several)."""
+    groups: dict[int, set] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(n)
+    return list(groups.values())
+
+
 def _fill_from_base(model, base: Path, missing: set, fix: str) -> list:
     """Load the ``missing`` tensors of ``model`` from its base's weights file; -> those the base lacks too (a tied
     group counts as loaded when one of its names was). Only the missing ones are read: the base may hold others of
     another shape (a head the fine-tune rebuilt)."""
-    groups: dict[int, set] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), set()).add(n)
-    tied = {n: g for g in groups.values() for n in g}
+    tied = {n: g for g in _tied_groups(model) for n in g}
     wanted = set().union(*(tied.get(k, {k}) for k in missing)) if missing else set()
     try:
         with safe_open(str(base), "pt") as f:
